@@ -1,0 +1,178 @@
+"""Multi-head attention as one function with selectable kernels.
+
+Every generator calls :func:`attention` instead of a specific kernel so the kernel
+becomes a config choice (``attention_backend``) that benchmarks can sweep without
+touching model code.
+
+Layout: q, k, v and the output are ``[B, M, H, K]`` (batch, sequence, heads, head
+dim), which is xformers' native layout. It is also what a fused projection followed
+by ``.view(B, M, H, K)`` produces, so models never transpose themselves.
+
+Backends (``BACKENDS``):
+
+* ``"math"``     - plain softmax(q kᵀ / sqrt(K)) v in fp32; the reference the others
+                   are tested against. Materialises the full ``[B, H, Mq, Mk]`` scores.
+* ``"sdpa"``     - ``torch.nn.functional.scaled_dot_product_attention`` (flash /
+                   memory-efficient / cpu kernels picked by PyTorch).
+* ``"xformers"`` - ``xformers.ops.memory_efficient_attention``; CUDA only, optional
+                   dependency (``pip install unizoo[xformers]``).
+* ``"auto"``     - xformers where it imports and the tensors are on CUDA, else sdpa.
+
+Key padding: ``key_padding_mask`` is bool ``[B, Mk]``, True = the key takes part.
+A batch row whose keys are *all* masked has nothing to attend to; softmax over an
+empty set is undefined (NaN in every kernel), so such rows return exactly 0 in all
+backends, with zero (not NaN) gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "xformers", "sdpa", "math")
+
+logger = logging.getLogger("unizoo.attention")
+
+# Messages already logged by "auto": the choice is the same for every call of a run,
+# so logging it per call would flood the logs (attention runs ~depth times a step).
+_logged_choices: set[str] = set()
+
+
+def check_backend(backend: str) -> str:
+    """Return ``backend`` if it is a known name, else raise ``ValueError`` listing them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    return backend
+
+
+def _xformers_op():
+    """Return ``xformers.ops.memory_efficient_attention`` (ImportError if missing).
+
+    Imported lazily so this module, and every model using it, works without
+    xformers; a separate function so tests can substitute the op.
+    """
+    import xformers.ops  # noqa: PLC0415 - optional dependency
+
+    return xformers.ops.memory_efficient_attention
+
+
+def _xformers_unusable_reason(q: torch.Tensor) -> str | None:
+    """None if xformers can run on tensors like ``q``, else a short reason why not."""
+    try:
+        _xformers_op()
+    except ImportError:
+        return "xformers not installed"
+    if q.device.type != "cuda":
+        return f"tensors are on {q.device.type}, xformers needs CUDA"
+    return None
+
+
+def _resolve(backend: str, q: torch.Tensor) -> str:
+    """Map ``backend`` (possibly "auto") to the concrete kernel to run."""
+    check_backend(backend)
+    if backend == "auto":
+        reason = _xformers_unusable_reason(q)
+        chosen = "sdpa" if reason else "xformers"
+        message = f"attention backend: auto -> {chosen}" + (f" ({reason})" if reason else "")
+        if message not in _logged_choices:
+            _logged_choices.add(message)
+            logger.info(message)
+        return chosen
+    if backend == "xformers":
+        reason = _xformers_unusable_reason(q)
+        if reason:
+            # An explicit request is a promise the benchmark relies on: never fall back silently.
+            raise RuntimeError(
+                f"attention backend 'xformers' requested but unusable: {reason}. "
+                "Use backend='sdpa' (or 'auto'), or install xformers "
+                "(pip install unizoo[xformers]) and run on a CUDA device."
+            )
+    return backend
+
+
+def _math_kernel(q, k, v, key_padding_mask):
+    """Reference kernel. fp32 scores/softmax so fp16/bf16 inputs do not overflow."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v.float()).to(q.dtype)
+
+
+def _sdpa_kernel(q, k, v, key_padding_mask):
+    # SDPA wants [B, H, M, K]; the transposes are views, no copy.
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2)
+
+
+def _xformers_bias(key_padding_mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Additive bias ``[B, H, Mq, Mk]`` with -inf at masked keys, in q's dtype.
+
+    xformers' kernels read the bias with aligned loads, so its last dimension must be
+    *allocated* padded to a multiple of 8; we allocate ``Mk_pad`` and slice back to
+    ``Mk`` (a view whose row stride stays a multiple of 8).
+    """
+    B, Mq, H, _ = q.shape
+    Mk = key_padding_mask.shape[1]
+    Mk_pad = (Mk + 7) // 8 * 8
+    bias = torch.zeros(B, H, Mq, Mk_pad, dtype=q.dtype, device=q.device)[..., :Mk]
+    bias.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+    return bias
+
+
+def _xformers_kernel(q, k, v, key_padding_mask):
+    bias = None if key_padding_mask is None else _xformers_bias(key_padding_mask, q)
+    return _xformers_op()(q, k, v, attn_bias=bias)
+
+
+_KERNELS = {"math": _math_kernel, "sdpa": _sdpa_kernel, "xformers": _xformers_kernel}
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Scaled dot-product attention, softmax(q kᵀ / sqrt(K)) v, per head.
+
+    Args:
+        q: ``(B, Mq, H, K)`` queries.
+        k: ``(B, Mk, H, K)`` keys.
+        v: ``(B, Mk, H, Kv)`` values.
+        key_padding_mask: bool ``(B, Mk)``, True = attend; None = all keys valid.
+        backend: one of ``BACKENDS``.
+
+    Returns:
+        ``(B, Mq, H, Kv)`` in q's dtype. Rows whose keys are all masked are 0.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"attention expects [B, M, H, K] tensors, got q{tuple(q.shape)} "
+            f"k{tuple(k.shape)} v{tuple(v.shape)}"
+        )
+    kernel = _KERNELS[_resolve(backend, q)]
+    if key_padding_mask is None:
+        return kernel(q, k, v, None)
+
+    key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
+    if key_padding_mask.shape != (k.shape[0], k.shape[1]):
+        raise ValueError(
+            f"key_padding_mask must be [B, Mk] = {(k.shape[0], k.shape[1])}, "
+            f"got {tuple(key_padding_mask.shape)}"
+        )
+    # Fully masked rows: let them attend to everything (finite, no NaN forward or
+    # backward), then zero their output. Done with where/multiply rather than an
+    # `if any()` so it never forces a host-device sync.
+    has_key = key_padding_mask.any(dim=1)  # (B,)
+    safe_mask = key_padding_mask | ~has_key[:, None]
+    out = kernel(q, k, v, safe_mask)
+    return out * has_key[:, None, None, None].to(out.dtype)

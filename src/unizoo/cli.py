@@ -1,0 +1,129 @@
+"""`unizoo train | recipe | sample`: the command line.
+
+    unizoo train [recipe=NAME] [group=choice ...] [key=value ...]
+    unizoo recipe [NAME] [overrides ...]
+    unizoo sample RUN_DIR --prompt "two red circles" [--n 8 --steps 30 --guidance 3]
+
+Mistakes in a recipe, a path or an argument exit with status 2 and one paragraph
+saying what was wrong and what would be valid; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra.errors import InstantiationException
+
+from unizoo.composition import RecipeError, compose_recipe, split_recipe_override
+
+log = logging.getLogger("unizoo")
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """A mistake of the user's: reported in one paragraph, exit status 2."""
+
+
+def _setup_logging() -> None:
+    # Only unizoo's own logger: Lightning and transformers keep their own handlers,
+    # and a root handler would print their lines twice.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[unizoo] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _compose(arguments: Sequence[str]):
+    name, overrides = split_recipe_override(arguments)
+    return compose_recipe(name, overrides)
+
+
+def command_recipe(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    arguments = list(args.overrides)
+    if args.name:
+        arguments.insert(0, args.name if args.name.startswith("recipe=") or "=" in args.name else f"recipe={args.name}")
+    print(OmegaConf.to_yaml(_compose(arguments)), end="")
+    return 0
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from unizoo.train import train
+
+    recipe = _compose(args.overrides)
+    run_dir = train(recipe)
+    print(run_dir)
+    return 0
+
+
+def command_sample(args: argparse.Namespace) -> int:
+    from unizoo.images import save_grid, save_images
+    from unizoo.runs import load_run
+
+    if args.n < 1 or args.steps < 1:
+        raise UsageError(f"--n and --steps must be at least 1 (got --n {args.n}, --steps {args.steps})")
+    _, model = load_run(args.run_dir, args.checkpoint)
+    prompts = [args.prompt] * args.n
+    images = model.generate(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    slug = re.sub(r"[^a-z0-9]+", "_", args.prompt.lower()).strip("_")[:60] or "prompt"
+    out = Path(args.out) if args.out else Path(args.run_dir) / "samples" / slug
+    paths = save_images(images, out)
+    save_grid(images, out / "grid.png", captions=prompts, columns=min(args.n, 8))
+    for path in paths:
+        print(path)
+    log.info("wrote %d images and grid.png to %s", len(paths), out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unizoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a recipe end to end and write a run directory")
+    train.add_argument("overrides", nargs="*", help="recipe=NAME, group=choice and key=value overrides")
+    train.set_defaults(run=command_train)
+
+    recipe = commands.add_parser("recipe", help="print a composed recipe")
+    recipe.add_argument("name", nargs="?", default=None, help="a named recipe (default: default)")
+    recipe.add_argument("overrides", nargs="*", help="group=choice and key=value overrides")
+    recipe.set_defaults(run=command_recipe)
+
+    sample = commands.add_parser("sample", help="generate images from a trained run")
+    sample.add_argument("run_dir", type=Path, help="a run directory written by `unizoo train`")
+    sample.add_argument("--prompt", required=True, help='a caption, e.g. "a red circle above a blue square"')
+    sample.add_argument("--n", type=int, default=8, help="images to draw (default 8)")
+    sample.add_argument("--steps", type=int, default=30, help="sampler steps (default 30)")
+    sample.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    sample.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint other than the last stage's")
+    sample.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/samples/<prompt>)")
+    sample.set_defaults(run=command_sample)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return args.run(args)
+    except (RecipeError, UsageError, FileNotFoundError) as error:
+        print(f"unizoo {args.command}: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except InstantiationException as error:
+        # A recipe value the component rejects (e.g. generator.size=XXL): the
+        # component's own message says what is valid.
+        cause = error.__cause__ or error
+        print(f"unizoo {args.command}: the recipe does not build: {cause}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Torch data set and Lightning data module for the procedurally drawn shapes data set.
+
+Every item is drawn on the fly from its own seed ``[seed, split_index, i]``: random access,
+no storage, identical across processes, workers and runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from unizoo.data import captions
+from unizoo.data.shapes import Scene, draw_scene, sample_scene
+
+SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
+
+
+class ShapesDataset(Dataset):
+    """``size`` items of one split; item ``i`` is ``{"image": float [3, H, W] in [-1, 1], "caption": str}``."""
+
+    def __init__(self, split: str, size: int, image_size: int = 32, seed: int = 0) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
+        self.split, self.size, self.image_size, self.seed = split, int(size), int(image_size), int(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def scene(self, i: int) -> Scene:
+        """The scene behind item ``i`` (its ground truth objects and caption)."""
+        if not 0 <= i < self.size:
+            raise IndexError(f"index {i} out of range for {self.split} split of size {self.size}")
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], int(i)])
+        return sample_scene(rng, self.image_size)
+
+    def __getitem__(self, i: int) -> dict:
+        scene = self.scene(i)
+        pixels = np.array(draw_scene(scene, self.image_size))  # [H, W, 3] uint8, writable copy for torch
+        image = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+        return {"image": image, "caption": scene.caption}
+
+
+class ShapesDataModule(L.LightningDataModule):
+    """Train/val/test splits of the shapes data set; batches are ``{"image": [B, 3, H, W], "caption": list[str]}``."""
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        batch_size: int = 64,
+        train_size: int = 50_000,
+        val_size: int = 1_000,
+        test_size: int = 1_000,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        # Hand Lightning our frame (never bound to a local, which its f_locals snapshot would capture):
+        # by default it fetches the frame through a local that references its own frame, a cycle that
+        # keeps the *caller's* locals (e.g. loaders with live workers) alive until the next gc pass,
+        # where worker shutdown then stalls for seconds.
+        self.save_hyperparameters(frame=inspect.currentframe())
+        self.image_size, self.batch_size, self.seed, self.num_workers = image_size, batch_size, seed, num_workers
+        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+        self.datasets: dict[str, ShapesDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        # Cheap (no data is materialised), so every split is always available.
+        for split, size in self.sizes.items():
+            if split not in self.datasets:
+                self.datasets[split] = ShapesDataset(split, size, self.image_size, self.seed)
+
+    def dataset(self, split: str) -> ShapesDataset:
+        self.setup()
+        return self.datasets[split]
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if train else None
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            generator=generator,
+            num_workers=self.num_workers,
+            # Worker start-up costs more than drawing a batch, so keep workers alive between epochs.
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def prompts(self, split: str = "val", n: int = 64) -> list[str]:
+        """The first ``n`` captions of ``split``: fixed prompts for sample grids and evaluation."""
+        ds = self.dataset(split)
+        return [ds.scene(i).caption for i in range(min(n, len(ds)))]
+
+    def vocabulary(self) -> list[str]:
+        """Every word a caption can contain, sorted."""
+        return captions.vocabulary()

@@ -1,0 +1,135 @@
+"""The LightningModule that wires the components of a recipe.
+
+It knows the interfaces, never the choices: a representation turns images into
+target tokens, a backbone turns captions into a condition, an objective turns
+(generator, targets, condition) into a loss and samples, and a strategy's stages
+say which parameter groups train and which losses count. Nothing here branches on
+which representation, objective or strategy is in use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from unizoo.components.strategies.stages import Stage
+from unizoo.schedules import warmup_cosine
+
+Batch = dict[str, Any]
+
+
+def split_batch(batch: Batch, mixture: dict[str, float], losses: list[str]) -> dict[str, Batch]:
+    """Contiguous slices of one batch per loss, sized by the stage's mixture fractions.
+
+    A loss without a fraction gets the whole batch.
+    """
+    size = len(batch["caption"])
+    parts, start = {}, 0
+    for name in losses:
+        if name not in mixture:
+            parts[name] = batch
+            continue
+        stop = min(size, start + max(1, round(mixture[name] * size)))
+        parts[name] = {key: value[start:stop] for key, value in batch.items()}
+        start = stop
+    return parts
+
+
+class UnifiedModel(L.LightningModule):
+    """One backbone for understanding and generation, wired from recipe components."""
+
+    def __init__(
+        self,
+        representation: nn.Module,
+        backbone: nn.Module,
+        generator: nn.Module,
+        objective: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        warmup_steps: int = 100,
+    ) -> None:
+        super().__init__()
+        self.representation = representation
+        self.backbone = backbone
+        self.generator = generator
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.warmup_steps = warmup_steps
+        self.stage: Stage | None = None
+
+    # ------------------------------------------------------------------ stages
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Named groups a stage can train or freeze; the representation is always frozen."""
+        return {**self.backbone.parameter_groups(), "generator": list(self.generator.parameters())}
+
+    def set_stage(self, stage: Stage) -> None:
+        groups = self.parameter_groups()
+        unknown = set(stage.trainable) - set(groups)
+        if unknown:
+            raise ValueError(
+                f"stage {stage.name!r} trains unknown parameter groups {sorted(unknown)}; valid groups: {', '.join(groups)}"
+            )
+        missing = set(stage.losses) - set(self.loss_functions())
+        if missing:
+            raise ValueError(
+                f"stage {stage.name!r} names unknown losses {sorted(missing)}; valid losses: {', '.join(self.loss_functions())}"
+            )
+        for name, params in groups.items():
+            for param in params:
+                param.requires_grad_(name in stage.trainable)
+        self.stage = stage
+
+    def loss_functions(self) -> dict[str, Callable[[Batch], torch.Tensor]]:
+        return {"generation": self.generation_loss}
+
+    # ------------------------------------------------------------------ losses
+    def generation_loss(self, batch: Batch) -> torch.Tensor:
+        """Text -> image: the objective's loss on the representation's target tokens."""
+        targets = self.representation.encode(batch["image"])
+        condition = self.backbone.condition(batch["caption"])
+        return self.objective.loss(self.generator, targets, condition)
+
+    def stage_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if self.stage is None:
+            raise RuntimeError("call set_stage(stage) before training: the stage decides which losses count")
+        names = list(self.stage.losses)
+        parts = split_batch(batch, self.stage.mixture, names)
+        functions = self.loss_functions()
+        return {name: functions[name](parts[name]) for name in names}
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        losses = self.stage_losses(batch)
+        total = sum(self.stage.losses[name] * value for name, value in losses.items())
+        size = len(batch["caption"])
+        self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True, batch_size=size)
+        self.log("train/loss", total, batch_size=size)
+        return total
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        losses = self.stage_losses(batch)
+        self.log_dict({f"val/{name}": value for name, value in losses.items()}, batch_size=len(batch["caption"]), sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.stage.steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(self.warmup_steps, total // 2 + 1), total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(self, prompts: list[str], steps: int = 30, guidance: float = 3.0, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+        """Images `(len(prompts), 3, H, W)` in [-1, 1]; the same seed gives the same images."""
+        was_training = self.training
+        self.eval()
+        rng = torch.Generator().manual_seed(seed)
+        images = []
+        for start in range(0, len(prompts), batch_size):
+            condition = self.backbone.condition(prompts[start : start + batch_size])
+            tokens = self.objective.sample(self.generator, condition, steps=steps, guidance=guidance, rng=rng)
+            images.append(self.representation.decode(tokens).float().cpu())
+        self.train(was_training)
+        return torch.cat(images)

@@ -1,0 +1,52 @@
+"""A content-addressed cache for models unizoo trains for itself (tiny VAE, tiny CLIP).
+
+The key is a hash of everything that decides the result (architecture, training
+settings, data recipe), so a changed recipe trains afresh and an unchanged one
+reuses the weights. Entries are written to a temporary directory and renamed into
+place, so a crash never leaves a half-written entry that later runs would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def cache_root() -> Path:
+    """`$UNIZOO_CACHE`, else `~/.cache/unizoo`."""
+    return Path(os.environ.get("UNIZOO_CACHE", Path.home() / ".cache" / "unizoo")).expanduser()
+
+
+def content_hash(signature: Any) -> str:
+    """A short, stable hash of a JSON-serialisable signature."""
+    blob = json.dumps(signature, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cached_directory(kind: str, signature: Any, build: Callable[[Path], None]) -> tuple[Path, bool]:
+    """The cache entry for `signature`, calling `build(tmp_dir)` to fill it when missing.
+
+    Returns the entry's path and whether it was already there.
+    """
+    entry = cache_root() / kind / content_hash(signature)
+    if (entry / "signature.json").is_file():
+        return entry, True
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    try:
+        build(tmp)
+        (tmp / "signature.json").write_text(json.dumps(signature, sort_keys=True, indent=2, default=str))
+        if entry.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return entry, False

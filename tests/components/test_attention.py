@@ -1,0 +1,232 @@
+"""attention(): every backend agrees with the fp32 reference, masks and layout included."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unizoo.components.generators import attention as attn_mod
+from unizoo.components.generators.attention import BACKENDS, attention
+
+# (B, Mq, Mk, H, K): self-attention (Mq == Mk) and cross-attention, Mk not a multiple of 8.
+SHAPES = [(2, 16, 16, 4, 8), (3, 10, 10, 2, 16), (2, 7, 13, 3, 8), (1, 32, 5, 1, 4)]
+
+
+def _qkv(B, Mq, Mk, H, K, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, M, H, K, generator=g) for M in (Mq, Mk, Mk))
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+def _mask(B, Mk, seed=0):
+    """Random key padding mask with at least one valid key per row."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, Mk, generator=g) > 0.4
+    mask[:, 0] = True
+    return mask
+
+
+def _einsum_reference(q, k, v, mask=None):
+    """Independent per-head reference written directly in [B, M, H, K]."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double()).float()
+
+
+@pytest.fixture(autouse=True)
+def _reset_log_once():
+    attn_mod._logged_choices.clear()
+    yield
+    attn_mod._logged_choices.clear()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_matches_math(shape, masked):
+    q, k, v = _qkv(*shape)
+    mask = _mask(shape[0], shape[2]) if masked else None
+    ref = attention(q, k, v, mask, backend="math")
+    out = attention(q, k, v, mask, backend="sdpa")
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_layout_matches_einsum_reference(backend, masked):
+    B, Mq, Mk, H, K = 2, 5, 9, 3, 8
+    q, k, v = _qkv(B, Mq, Mk, H, K, seed=1)
+    mask = _mask(B, Mk, seed=1) if masked else None
+    out = attention(q, k, v, mask, backend=backend)
+    assert out.shape == (B, Mq, H, K)
+    torch.testing.assert_close(out, _einsum_reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    # Heads are independent: perturbing head 0 of k leaves the other heads' outputs alone.
+    k2 = k.clone()
+    k2[:, :, 0] = torch.randn_like(k2[:, :, 0])  # (a constant shift would cancel in softmax)
+    out2 = attention(q, k2, v, mask, backend=backend)
+    torch.testing.assert_close(out2[:, :, 1:], out[:, :, 1:])
+    assert not torch.allclose(out2[:, :, 0], out[:, :, 0])
+
+
+def test_value_dim_may_differ_from_key_dim():
+    q, k, _ = _qkv(2, 6, 7, 2, 8)
+    v = torch.randn(2, 7, 2, 5)
+    out = attention(q, k, v, backend="math")
+    assert out.shape == (2, 6, 2, 5)
+    torch.testing.assert_close(attention(q, k, v, backend="sdpa"), out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_masked_keys_have_no_influence(backend):
+    B, Mq, Mk, H, K = 3, 6, 11, 2, 8
+    q, k, v = _qkv(B, Mq, Mk, H, K, seed=2)
+    mask = _mask(B, Mk, seed=2)
+    out = attention(q, k, v, mask, backend=backend)
+    k2, v2 = k.clone(), v.clone()
+    k2[~mask] = 100 * torch.randn_like(k2[~mask])
+    v2[~mask] = 100 * torch.randn_like(v2[~mask])
+    torch.testing.assert_close(attention(q, k2, v2, mask, backend=backend), out, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_fully_masked_row_is_zero_not_nan(backend):
+    q, k, v = _qkv(2, 4, 6, 2, 8, seed=3)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1] = False
+    out = attention(q, k, v, mask, backend=backend)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out[0], _einsum_reference(q[:1], k[:1], v[:1])[0], atol=1e-5, rtol=0)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert q.grad[1].abs().max() == 0
+
+
+def _fake_xformers_op(calls):
+    """Stand-in for memory_efficient_attention: takes [B, M, H, K] and an additive bias."""
+
+    def op(q, k, v, attn_bias=None):
+        B, Mq, H, _ = q.shape
+        Mk = k.shape[1]
+        if attn_bias is not None:
+            assert attn_bias.shape == (B, H, Mq, Mk)
+            assert attn_bias.dtype == q.dtype
+            assert attn_bias.stride(-2) % 8 == 0, "last dim must be allocated padded to 8"
+        calls.append(attn_bias)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_bias
+        )
+        return out.transpose(1, 2)
+
+    return op
+
+
+@pytest.fixture
+def fake_xformers(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attn_mod, "_xformers_op", lambda: _fake_xformers_op(calls))
+    monkeypatch.setattr(attn_mod, "_xformers_unusable_reason", lambda q: None)
+    return calls
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_xformers_glue_matches_math(fake_xformers, shape, masked):
+    q, k, v = _qkv(*shape, seed=4)
+    mask = _mask(shape[0], shape[2], seed=4) if masked else None
+    out = attention(q, k, v, mask, backend="xformers")
+    assert len(fake_xformers) == 1 and (fake_xformers[0] is None) == (not masked)
+    torch.testing.assert_close(out, attention(q, k, v, mask, backend="math"), atol=1e-5, rtol=1e-5)
+
+
+def test_xformers_bias_is_minus_inf_at_masked_keys():
+    q = torch.zeros(2, 3, 4, 8)
+    mask = _mask(2, 13, seed=5)
+    bias = attn_mod._xformers_bias(mask, q)
+    assert bias.shape == (2, 4, 3, 13) and bias.stride(-2) == 16
+    expected = torch.zeros(2, 13).masked_fill(~mask, float("-inf"))
+    assert torch.equal(bias, expected[:, None, None, :].expand(2, 4, 3, 13))
+
+
+def test_auto_picks_xformers_when_usable(fake_xformers, caplog):
+    caplog.set_level(logging.INFO, logger="unizoo.attention")
+    q, k, v = _qkv(1, 4, 4, 1, 8)
+    attention(q, k, v, backend="auto")
+    assert len(fake_xformers) == 1
+    assert "auto -> xformers" in caplog.text
+
+
+def test_auto_picks_sdpa_on_cpu_and_logs_once(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="unizoo.attention")
+    called = []
+    monkeypatch.setattr(attn_mod, "_KERNELS", {**attn_mod._KERNELS, "sdpa": lambda *a: called.append(1) or a[0]})
+    q, k, v = _qkv(1, 4, 4, 1, 8)
+    attention(q, k, v, backend="auto")
+    attention(q, k, v, backend="auto")
+    assert called == [1, 1]
+    records = [r for r in caplog.records if r.name == "unizoo.attention"]
+    assert len(records) == 1
+    assert records[0].getMessage().startswith("attention backend: auto -> sdpa (")
+
+
+def test_explicit_xformers_on_cpu_raises(monkeypatch):
+    q, k, v = _qkv(1, 4, 4, 1, 8)
+    # Real environment: xformers missing, or present but these tensors are on CPU.
+    with pytest.raises(RuntimeError, match="xformers.*unusable.*sdpa"):
+        attention(q, k, v, backend="xformers")
+    # Installed but on CPU: the message names the device problem.
+    monkeypatch.setattr(attn_mod, "_xformers_op", lambda: _fake_xformers_op([]))
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        attention(q, k, v, backend="xformers")
+
+
+def test_explicit_xformers_not_installed_raises(monkeypatch):
+    def missing():
+        raise ImportError("No module named 'xformers'")
+
+    monkeypatch.setattr(attn_mod, "_xformers_op", missing)
+    q, k, v = _qkv(1, 4, 4, 1, 8)
+    with pytest.raises(RuntimeError, match="not installed"):
+        attention(q, k, v, backend="xformers")
+
+
+def test_unknown_backend_names_the_choices():
+    q, k, v = _qkv(1, 4, 4, 1, 8)
+    with pytest.raises(ValueError) as err:
+        attention(q, k, v, backend="flash")
+    assert all(name in str(err.value) for name in BACKENDS)
+
+
+def test_bad_shapes_raise():
+    q, k, v = _qkv(1, 4, 4, 1, 8)
+    with pytest.raises(ValueError, match=r"\[B, M, H, K\]"):
+        attention(q[0], k[0], v[0], backend="math")
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        attention(q, k, v, torch.ones(1, 5, dtype=torch.bool), backend="math")
+
+
+def _xformers_available():
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and _xformers_available()), reason="needs CUDA and xformers"
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_real_xformers_matches_math(dtype, masked):
+    B, Mq, Mk, H, K = 2, 64, 77, 4, 64
+    q, k, v = _qkv(B, Mq, Mk, H, K, seed=6, dtype=dtype, device="cuda")
+    mask = _mask(B, Mk, seed=6).cuda() if masked else None
+    out = attention(q, k, v, mask, backend="xformers")
+    ref = attention(q, k, v, mask, backend="math")
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)

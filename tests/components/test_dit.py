@@ -1,0 +1,176 @@
+"""DiT generator: shapes, adaLN-Zero init, presets, backends, CFG dropping, learning."""
+
+import pytest
+import torch
+
+from unizoo.components.generators.dit import DIT_SIZES, DiT, dit, sincos_pos_embed
+
+# Original DiT parameter counts (patch size 2, class-conditional), in millions.
+ORIGINAL_DIT_M = {"S": 33.0, "B": 130.5, "L": 458.0, "XL": 675.1}
+
+
+def _small(**kw):
+    cfg = dict(token_dim=4, num_tokens=16, condition_dim=24, depth=2, hidden_size=64, num_heads=4)
+    return dit("tiny", **{**cfg, **kw})
+
+
+def _inputs(model, B=3, Q=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, model.num_tokens, model.token_dim, generator=g)
+    t = torch.rand(B, generator=g)
+    cond = torch.randn(B, Q, model.condition_dim, generator=g)
+    mask = torch.rand(B, Q, generator=g) > 0.3
+    mask[:, 0] = True
+    return x, t, cond, mask
+
+
+def _randomise(model, seed=0):
+    """Overwrite every parameter (zero-inits included) so the output is non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("num_tokens,token_dim", [(16, 4), (64, 4), (10, 8), (1, 3)])
+def test_output_shape(num_tokens, token_dim):
+    model = _randomise(_small(num_tokens=num_tokens, token_dim=token_dim))
+    x, t, cond, mask = _inputs(model)
+    out = model(x, t, cond, mask)
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()
+    assert model(x, t, cond).shape == x.shape  # mask is optional
+
+
+def test_position_embedding_2d_when_square_else_1d():
+    square, line = sincos_pos_embed(16, 8), sincos_pos_embed(10, 8)
+    assert square.shape == (1, 16, 8) and line.shape == (1, 10, 8)
+    # 2-D: tokens in the same grid row share the first (row) half of the channels.
+    torch.testing.assert_close(square[0, 0, :4], square[0, 3, :4])
+    assert not torch.allclose(square[0, 0, :4], square[0, 4, :4])
+    model = _small()
+    assert "pos_embed" not in model.state_dict()  # fixed, non-persistent buffer
+
+
+def test_fresh_model_outputs_exact_zeros():
+    torch.manual_seed(0)
+    model = dit("tiny", token_dim=4, num_tokens=64, condition_dim=32)
+    x, t, cond, mask = _inputs(model)
+    assert torch.equal(model(x, t, cond, mask), torch.zeros_like(x))
+
+
+def test_presets_build_and_grow():
+    model = dit("tiny", token_dim=4, num_tokens=256, condition_dim=128)
+    assert len(model.blocks) == 4 and model.hidden_size == 128
+    counts = {"tiny": sum(p.numel() for p in model.parameters())}
+    for size, cfg in DIT_SIZES.items():
+        if size == "tiny":
+            continue
+        with torch.device("meta"):  # no memory for the big ones
+            m = dit(size, token_dim=4, num_tokens=256, condition_dim=cfg["hidden_size"])
+        assert len(m.blocks) == cfg["depth"] and m.hidden_size == cfg["hidden_size"]
+        assert m.blocks[0].attn.num_heads == cfg["num_heads"]
+        counts[size] = sum(p.numel() for p in m.parameters())
+        # Cross-attention adds ~4h² to DiT's ~18h² per block: about 1.22x the original.
+        assert 1.1 < counts[size] / 1e6 / ORIGINAL_DIT_M[size] < 1.35, (size, counts[size])
+    sizes = list(DIT_SIZES)
+    assert all(counts[a] < counts[b] for a, b in zip(sizes, sizes[1:]))
+
+
+def test_overrides_win_over_preset():
+    model = dit("S", token_dim=4, num_tokens=16, condition_dim=8, depth=1, hidden_size=32, num_heads=2)
+    assert len(model.blocks) == 1 and model.hidden_size == 32 and model.num_heads == 2
+
+
+def test_unknown_preset_lists_sizes():
+    with pytest.raises(ValueError) as err:
+        dit("XXL", token_dim=4, num_tokens=16, condition_dim=8)
+    assert all(size in str(err.value) for size in DIT_SIZES)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="flash"):
+        _small(attention_backend="flash")
+    with pytest.raises(ValueError, match="divisible"):
+        _small(hidden_size=30, num_heads=4)
+    model = _small()
+    x, t, cond, _ = _inputs(model)
+    with pytest.raises(ValueError, match="x must be"):
+        model(x[:, :8], t, cond)
+
+
+def test_sdpa_and_math_backends_agree():
+    model = _randomise(_small(attention_backend="sdpa"))
+    x, t, cond, mask = _inputs(model)
+    with torch.no_grad():
+        out_sdpa = model(x, t, cond, mask)
+        model.set_attention_backend("math")
+        out_math = model(x, t, cond, mask)
+    assert out_sdpa.abs().mean() > 1e-2  # not trivially zero
+    torch.testing.assert_close(out_sdpa, out_math, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_condition_tokens_are_ignored():
+    model = _randomise(_small())
+    x, t, cond, mask = _inputs(model)
+    cond2 = cond.clone()
+    cond2[~mask] = 50 * torch.randn_like(cond2[~mask])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, cond2, mask), model(x, t, cond, mask), atol=1e-5, rtol=0)
+        # ... while real tokens, and t, do matter.
+        assert not torch.allclose(model(x, t, cond2), model(x, t, cond))
+        assert not torch.allclose(model(x, t.flip(0), cond, mask), model(x, t, cond, mask))
+
+
+def test_drop_condition_replaces_exactly_dropped_rows():
+    model = _small()
+    cond = torch.randn(4, 5, model.condition_dim)
+    drop = torch.tensor([True, False, True, False])
+    out = model.drop_condition(cond, drop)
+    null = model.null_condition.detach()[0].expand(5, -1)
+    assert torch.equal(out[0], null) and torch.equal(out[2], null)
+    assert torch.equal(out[1], cond[1]) and torch.equal(out[3], cond[3])
+    # The null token is learned: gradients reach it only through dropped rows.
+    model.drop_condition(cond, drop).sum().backward()
+    assert model.null_condition.grad.abs().sum() > 0
+
+
+def test_overfits_a_fixed_batch():
+    torch.manual_seed(0)
+    model = _small(depth=2, hidden_size=64)
+    x, t, cond, mask = _inputs(model, B=8)
+    target = torch.randn_like(x)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(200):
+        loss = (model(x, t, cond, mask) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_gradient_checkpointing_matches():
+    model = _randomise(_small())
+    x, t, cond, mask = _inputs(model)
+
+    def run(flag):
+        model.gradient_checkpointing = flag
+        model.zero_grad()
+        out = model(x, t, cond, mask)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    out_plain, grads_plain = run(False)
+    out_ckpt, grads_ckpt = run(True)
+    torch.testing.assert_close(out_ckpt, out_plain, atol=0, rtol=0)
+    assert len(grads_ckpt) == len(grads_plain) > 0
+    for g_ckpt, g_plain in zip(grads_ckpt, grads_plain):
+        torch.testing.assert_close(g_ckpt, g_plain, atol=1e-7, rtol=1e-5)
+
+
+def test_is_a_module_built_from_keywords():
+    # Recipes instantiate `unizoo.components.generators.dit.dit` with keywords only.
+    assert isinstance(dit(token_dim=4, num_tokens=4, condition_dim=8), DiT)

@@ -1,0 +1,49 @@
+"""Shared fixtures: the real recipes, composed and shrunk to run in seconds on a CPU.
+
+As in lightning-hydra-template: tests compose the *real* recipe files and only
+override sizes, so a recipe that breaks is caught here, not in a user's run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+# Overrides that shrink any recipe to a few seconds; sizes stay valid for every component.
+TINY_OVERRIDES = [
+    "data.train_size=256",
+    "data.val_size=64",
+    "data.test_size=64",
+    "data.batch_size=8",
+    "representation.autoencoder.block_out_channels=[16,16,16]",
+    "representation.pretraining.steps=3",
+    "+backbone.config_overrides={hidden_size:32,intermediate_size:64,num_hidden_layers:1,num_attention_heads:2,num_key_value_heads:1}",
+    "backbone.num_queries=4",
+    "+generator.depth=1",
+    "+generator.hidden_size=32",
+    "+generator.num_heads=2",
+    "strategy.steps=4",
+    "warmup_steps=2",
+    "evaluation.prompts=4",
+    "evaluation.steps=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Every test session trains its tiny VAEs into a cache of its own, never the user's.
+
+    Session-scoped so that it is in place before module-scoped fixtures train.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNIZOO_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        yield
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    return [*TINY_OVERRIDES, f"run_root={tmp_path / 'runs'}"]
