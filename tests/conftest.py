@@ -21,7 +21,6 @@ TINY_OVERRIDES = [
     "+generator.depth=1",
     "+generator.hidden_size=32",
     "+generator.num_heads=2",
-    "strategy.steps=4",
     "warmup_steps=2",
     "evaluation.prompts=4",
     "evaluation.steps=2",
@@ -31,6 +30,13 @@ TINY_OVERRIDES = [
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
 ]
+
+# Stage lengths are named per strategy, so they are set where a test trains.
+STAGE_STEPS = {
+    "generation": ["strategy.steps=4"],
+    "joint": ["strategy.steps=4"],
+    "sequential": ["strategy.understanding_steps=4", "strategy.generation_steps=4"],
+}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,6 +8,7 @@ import logging
 import pytest
 from PIL import Image
 
+from conftest import STAGE_STEPS, TINY_OVERRIDES
 from unizoo.cli import main
 from unizoo.composition import compose_recipe
 from unizoo.runs import load_run
@@ -16,7 +17,7 @@ from unizoo.train import train
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    overrides = [*__import__("conftest").TINY_OVERRIDES, f"run_root={tmp_path_factory.mktemp('runs')}"]
+    overrides = [*TINY_OVERRIDES, *STAGE_STEPS["generation"], f"run_root={tmp_path_factory.mktemp('runs')}"]
     return train(compose_recipe("default", overrides))
 
 
@@ -26,8 +27,9 @@ def test_run_directory_holds_everything(tiny_run):
         assert (tiny_run / name).exists(), name
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     for phase in ("untrained", "generation"):
-        assert 0.0 <= metrics[phase]["overall"] <= 1.0
-        assert metrics[phase]["n"] == 4
+        assert 0.0 <= metrics[phase]["generation"]["overall"] <= 1.0
+        assert metrics[phase]["generation"]["n"] == 4
+        assert "understanding" not in metrics[phase]  # the default backbone has no vision encoder
     assert metrics["seconds_total"] > 0
     assert Image.open(tiny_run / "samples_generation.png").size[0] > 100
 

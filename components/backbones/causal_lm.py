@@ -1,9 +1,15 @@
-"""A causal LM backbone with learnable query tokens (MetaQuery / BLIP3-o).
+"""A causal LM backbone with learnable query tokens (MetaQuery / BLIP3-o) and an image input.
 
-The caption is embedded by the LM's own embedding table, `Q` learnable query
-embeddings are appended after it, and the LM's last hidden states at the query
-positions become the generation condition `(B, Q, D)`. Any
-`AutoModelForCausalLM` works: built from a config (`tiny` preset, for tests and
+Generation: the caption is embedded by the LM's own embedding table, `Q` learnable
+query embeddings are appended after it, and the LM's last hidden states at the query
+positions become the generation condition `(B, Q, D)`.
+
+Understanding (image -> caption, LLaVA-style): a frozen vision encoder (any
+representation, by default the CLIP image tower) gives patch tokens, a 2-layer MLP
+projector maps them into the LM's embedding space as a prefix, and the LM is trained
+with the next-token loss on the caption.
+
+Any `AutoModelForCausalLM` works: built from a config (`tiny` preset, for tests and
 the embedded default) or loaded from a local directory with `from_pretrained`.
 """
 
@@ -55,6 +61,8 @@ class CausalLMBackbone(nn.Module):
         max_caption_tokens: int = 64,
         attn_implementation: str = "sdpa",
         config_overrides: dict[str, Any] | None = None,
+        vision_encoder: nn.Module | None = None,
+        max_new_tokens: int = 24,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
@@ -82,6 +90,13 @@ class CausalLMBackbone(nn.Module):
         width = self.hidden_size
         # Initialised like token embeddings so queries start on the same scale as text.
         self.queries = nn.Parameter(torch.randn(num_queries, width) * self.lm.config.initializer_range)
+        self.vision_encoder = vision_encoder
+        self.max_new_tokens = max_new_tokens
+        self.projector = None
+        if vision_encoder is not None:
+            # LLaVA-1.5's projector: two linear layers with a GELU between them.
+            features = vision_encoder.token_shape[1]
+            self.projector = nn.Sequential(nn.Linear(features, width), nn.GELU(), nn.Linear(width, width))
 
     @property
     def hidden_size(self) -> int:
@@ -91,8 +106,21 @@ class CausalLMBackbone(nn.Module):
     def num_queries(self) -> int:
         return self.queries.shape[0]
 
+    @property
+    def understands_images(self) -> bool:
+        return self.projector is not None
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"backbone": list(self.lm.parameters()), "queries": [self.queries]}
+        """Trainable groups; the vision encoder is a frozen representation and is in none."""
+        groups = {"backbone": list(self.lm.parameters()), "queries": [self.queries]}
+        if self.projector is not None:
+            groups["projector"] = list(self.projector.parameters())
+        return groups
+
+    def prepare(self, datamodule) -> None:
+        """Make the vision encoder's weights real (it may pretrain and cache itself)."""
+        if self.vision_encoder is not None:
+            self.vision_encoder.prepare(datamodule)
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids and attention mask, both `(B, L)`, on the backbone's device."""
@@ -115,6 +143,64 @@ class CausalLMBackbone(nn.Module):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
         return hidden[:, -self.num_queries :]
+
+    # ------------------------------------------------------------ understanding
+    def _require_vision(self) -> None:
+        if self.projector is None:
+            raise RuntimeError(
+                "this backbone has no vision encoder, so it cannot read images: set backbone.vision_encoder "
+                "in the recipe (e.g. the CLIP image tower) to train or evaluate understanding"
+            )
+
+    def image_prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """Images `(B, 3, H, W)` -> projected patch tokens `(B, P, D)` in the LM's embedding space."""
+        self._require_vision()
+        features = self.vision_encoder.encode(images)
+        return self.projector(features.to(self.projector[0].weight.dtype))
+
+    def _caption_ids(self, captions: list[str]) -> list[list[int]]:
+        """Token ids of each caption with BOS (where the tokenizer has one) and EOS."""
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        body = self.tokenizer(list(captions), add_special_tokens=False, truncation=True, max_length=self.max_caption_tokens)
+        return [bos + ids + [self.tokenizer.eos_token_id] for ids in body["input_ids"]]
+
+    def understanding_loss(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Next-token loss of the caption given the image prefix (prefix and BOS are not predicted)."""
+        prefix = self.image_prefix(images)
+        batch, num_prefix, _ = prefix.shape
+        sequences = self._caption_ids(captions)
+        length = max(map(len, sequences))
+        ids = torch.full((batch, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, num_prefix + length), -100, dtype=torch.long)
+        mask = torch.zeros(batch, num_prefix + length, dtype=torch.long)
+        skip = int(self.tokenizer.bos_token_id is not None)  # BOS is given, never predicted
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            labels[row, num_prefix + skip : num_prefix + len(sequence)] = torch.tensor(sequence[skip:])
+            mask[row, : num_prefix + len(sequence)] = 1
+        device = prefix.device
+        embeds = torch.cat([prefix, self.lm.get_input_embeddings()(ids.to(device))], dim=1)
+        # Right padding: positions are plain 0..T-1 and the HF loss shifts labels itself.
+        return self.lm(inputs_embeds=embeds, attention_mask=mask.to(device), labels=labels.to(device)).loss
+
+    @torch.no_grad()
+    def caption(self, images: torch.Tensor, max_new_tokens: int | None = None) -> list[str]:
+        """Greedy captions of images `(B, 3, H, W)` in [-1, 1]."""
+        prefix = self.image_prefix(images)
+        batch = prefix.shape[0]
+        inputs = prefix
+        if self.tokenizer.bos_token_id is not None:
+            bos = torch.full((batch, 1), self.tokenizer.bos_token_id, dtype=torch.long, device=prefix.device)
+            inputs = torch.cat([prefix, self.lm.get_input_embeddings()(bos)], dim=1)
+        output = self.lm.generate(
+            inputs_embeds=inputs,
+            attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device),
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
     def save_tokenizer(self, directory: str | os.PathLike) -> None:
         self.tokenizer.save_pretrained(str(directory))

@@ -34,6 +34,8 @@ class FlowMatching(nn.Module):
         condition_dropout: float = 0.1,
         shift: float = 1.0,
         num_train_timesteps: int = 1000,
+        sample_steps: int = 30,
+        guidance: float = 3.0,
     ) -> None:
         super().__init__()
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
@@ -45,6 +47,8 @@ class FlowMatching(nn.Module):
         self.condition_dropout = condition_dropout
         self.shift = shift
         self.num_train_timesteps = num_train_timesteps
+        # Sampler defaults, used where a caller passes None.
+        self.sample_steps, self.guidance = sample_steps, guidance
 
     def sample_sigmas(self, batch: int, device: torch.device) -> torch.Tensor:
         """Training noise levels `(B,)` in (0, 1)."""
@@ -75,11 +79,16 @@ class FlowMatching(nn.Module):
         self,
         generator: nn.Module,
         cond: torch.Tensor,
-        steps: int = 30,
-        guidance: float = 1.0,
+        steps: int | None = None,
+        guidance: float | None = None,
         rng: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Tokens `(B, N, C)` integrated from noise in `steps` Euler steps, with classifier-free guidance."""
+        """Tokens `(B, N, C)` integrated from noise in `steps` Euler steps, with classifier-free guidance.
+
+        `steps` and `guidance` default to the recipe's `sample_steps` and `guidance`.
+        """
+        steps = steps or self.sample_steps
+        guidance = self.guidance if guidance is None else guidance
         batch, device = cond.shape[0], cond.device
         scheduler = self.scheduler()
         scheduler.set_timesteps(steps, device=device)

@@ -101,15 +101,20 @@ class VAERepresentation(nn.Module):
         self.vae.eval()
         return self
 
+    def cache_signature(self, datamodule: L.LightningDataModule) -> dict[str, Any]:
+        """Everything that decides the pretrained weights: the cache key hashes this."""
+        return {
+            # Private keys ("_use_default_values", ...) are bookkeeping, some in set order.
+            "autoencoder": {k: v for k, v in self.vae.config.items() if not k.startswith("_")},
+            "pretraining": self.pretraining,
+            "data": data_signature(datamodule),
+        }
+
     def prepare(self, datamodule: L.LightningDataModule) -> None:
         """Make the weights real: a `pretrained` VAE is ready; otherwise load or train the cached one."""
         if self.pretrained is not None:
             return
-        signature = {
-            "autoencoder": dict(self.vae.config),
-            "pretraining": self.pretraining,
-            "data": data_signature(datamodule),
-        }
+        signature = self.cache_signature(datamodule)
         datamodule.setup("fit")
 
         def build(directory: Path) -> None:

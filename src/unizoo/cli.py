@@ -3,6 +3,7 @@
     unizoo train [recipe=NAME] [group=choice ...] [key=value ...]
     unizoo recipe [NAME] [overrides ...]
     unizoo sample RUN_DIR --prompt "two red circles" [--n 8 --steps 30 --guidance 3]
+    unizoo caption RUN_DIR IMAGE [IMAGE ...]
 
 Mistakes in a recipe, a path or an argument exit with status 2 and one paragraph
 saying what was wrong and what would be valid; never a traceback.
@@ -68,7 +69,7 @@ def command_sample(args: argparse.Namespace) -> int:
     from unizoo.images import save_grid, save_images
     from unizoo.runs import load_run
 
-    if args.n < 1 or args.steps < 1:
+    if args.n < 1 or (args.steps is not None and args.steps < 1):
         raise UsageError(f"--n and --steps must be at least 1 (got --n {args.n}, --steps {args.steps})")
     _, model = load_run(args.run_dir, args.checkpoint)
     prompts = [args.prompt] * args.n
@@ -80,6 +81,25 @@ def command_sample(args: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     log.info("wrote %d images and grid.png to %s", len(paths), out)
+    return 0
+
+
+def command_caption(args: argparse.Namespace) -> int:
+    from unizoo.images import load_images
+    from unizoo.runs import load_run
+
+    recipe, model = load_run(args.run_dir, args.checkpoint)
+    if not model.backbone.understands_images:
+        raise UsageError(f"{args.run_dir} was trained without a vision encoder (backbone.vision_encoder is null): it cannot caption")
+    images, paths, skipped = load_images(args.images, recipe.data.image_size)
+    for path, reason in skipped:
+        log.warning("skipped %s: %s", path, reason)
+    if not paths:
+        raise UsageError(f"none of the {len(args.images)} images could be read")
+    for path, caption in zip(paths, model.backbone.caption(images)):
+        print(f"{path}\t{caption}")
+    if skipped:
+        log.info("captioned %d images, skipped %d unreadable", len(paths), len(skipped))
     return 0
 
 
@@ -100,12 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("run_dir", type=Path, help="a run directory written by `unizoo train`")
     sample.add_argument("--prompt", required=True, help='a caption, e.g. "a red circle above a blue square"')
     sample.add_argument("--n", type=int, default=8, help="images to draw (default 8)")
-    sample.add_argument("--steps", type=int, default=30, help="sampler steps (default 30)")
-    sample.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    sample.add_argument("--steps", type=int, default=None, help="sampler steps (default: the recipe's objective.sample_steps)")
+    sample.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the recipe's objective.guidance)")
     sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     sample.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint other than the last stage's")
     sample.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/samples/<prompt>)")
     sample.set_defaults(run=command_sample)
+
+    caption = commands.add_parser("caption", help="caption images with a trained run's backbone")
+    caption.add_argument("run_dir", type=Path, help="a run directory written by `unizoo train` (with a vision encoder)")
+    caption.add_argument("images", nargs="+", type=Path, help="image files (any size; resized to the run's image size)")
+    caption.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint other than the last stage's")
+    caption.set_defaults(run=command_caption)
     return parser
 
 

@@ -59,7 +59,11 @@ def _did_you_mean(word: str, choices: Sequence[str]) -> str:
 def _explain(name: str, overrides: Sequence[str], error: Exception) -> str:
     """Find the override that broke composition and say what would have been valid."""
     known_groups = groups()
-    base = _compose(name, [])
+    choices = [o for o in overrides if o.partition("=")[0] in known_groups]
+    try:  # diagnose keys against the groups the user chose, not the recipe's defaults
+        base = _compose(name, choices)
+    except (HydraException, OmegaConfBaseException):
+        base = _compose(name, [])
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         if key in known_groups and value not in known_groups[key]:

@@ -1,4 +1,4 @@
-"""Generate for fixed prompts, save the grid, score with the recipe's evaluator."""
+"""Evaluations run before and after each stage: generation (samples scored) and understanding (captions scored)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ class SampleEvaluation:
 
     prompts: Sequence[str]
     evaluator: Callable[[list[str], torch.Tensor], dict[str, float]]
-    steps: int = 30
-    guidance: float = 3.0
+    steps: int | None = None  # None: the objective's default
+    guidance: float | None = None
     seed: int = 0
 
     def __call__(self, model: UnifiedModel, grid_path: Path) -> dict[str, float]:
@@ -37,5 +37,42 @@ class SampleEvaluation:
             time.perf_counter() - start,
             ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)),
             grid_path,
+        )
+        return scores
+
+
+def first_items(loader, n: int) -> tuple[torch.Tensor, list[str]]:
+    """The first `n` images and captions a (non-shuffling) loader yields."""
+    images, captions = [], []
+    for batch in loader:
+        images.append(batch["image"])
+        captions.extend(batch["caption"])
+        if len(captions) >= n:
+            break
+    return torch.cat(images)[:n], captions[:n]
+
+
+@dataclass
+class CaptionEvaluation:
+    """Caption fixed held-out images with the backbone and score them against the true captions."""
+
+    images: torch.Tensor
+    truth: Sequence[str]
+    scorer: Callable[[list[str], list[str]], dict[str, float]]
+
+    def __call__(self, model: UnifiedModel, examples_path: Path) -> dict[str, float]:
+        start = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        captions = model.backbone.caption(self.images)
+        model.train(was_training)
+        scores = self.scorer(captions, list(self.truth))
+        examples_path.write_text("".join(f"{p}\t<- truth: {t}\n" for p, t in zip(captions, self.truth)))
+        log.info(
+            "understanding on %d images (%.0f s): %s -> %s",
+            len(captions),
+            time.perf_counter() - start,
+            ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)),
+            examples_path,
         )
         return scores

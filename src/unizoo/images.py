@@ -17,6 +17,22 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def load_images(paths: Sequence[Path], size: int) -> tuple[torch.Tensor, list[Path], list[tuple[Path, str]]]:
+    """Images `(B, 3, size, size)` in [-1, 1] from files; unreadable files are skipped and reported, not fatal."""
+    tensors, loaded, skipped = [], [], []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
+        except (OSError, ValueError) as error:
+            skipped.append((path, str(error) or type(error).__name__))
+            continue
+        tensors.append(torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1)
+        loaded.append(path)
+    images = torch.stack(tensors) if tensors else torch.empty(0, 3, size, size)
+    return images, loaded, skipped
+
+
 def save_images(images: torch.Tensor, directory: Path, stem: str = "") -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -83,7 +83,12 @@ class UnifiedModel(L.LightningModule):
         self.stage = stage
 
     def loss_functions(self) -> dict[str, Callable[[Batch], torch.Tensor]]:
-        return {"generation": self.generation_loss}
+        return {"generation": self.generation_loss, "understanding": self.understanding_loss}
+
+    def prepare(self, datamodule: L.LightningDataModule) -> None:
+        """Make pretrained-by-unizoo weights real (VAE, CLIP, ...): load from cache or train them."""
+        self.representation.prepare(datamodule)
+        self.backbone.prepare(datamodule)
 
     # ------------------------------------------------------------------ losses
     def generation_loss(self, batch: Batch) -> torch.Tensor:
@@ -91,6 +96,10 @@ class UnifiedModel(L.LightningModule):
         targets = self.representation.encode(batch["image"])
         condition = self.backbone.condition(batch["caption"])
         return self.objective.loss(self.generator, targets, condition)
+
+    def understanding_loss(self, batch: Batch) -> torch.Tensor:
+        """Image -> text: the backbone's next-token loss on the caption given the image."""
+        return self.backbone.understanding_loss(batch["image"], batch["caption"])
 
     def stage_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.stage is None:
@@ -121,8 +130,13 @@ class UnifiedModel(L.LightningModule):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def generate(self, prompts: list[str], steps: int = 30, guidance: float = 3.0, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
-        """Images `(len(prompts), 3, H, W)` in [-1, 1]; the same seed gives the same images."""
+    def generate(
+        self, prompts: list[str], steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 64
+    ) -> torch.Tensor:
+        """Images `(len(prompts), 3, H, W)` in [-1, 1]; the same seed gives the same images.
+
+        `steps` / `guidance` of None take the objective's recipe defaults.
+        """
         was_training = self.training
         self.eval()
         rng = torch.Generator().manual_seed(seed)

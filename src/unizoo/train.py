@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from unizoo.build import build_model
-from unizoo.evaluation import SampleEvaluation
+from unizoo.evaluation import CaptionEvaluation, SampleEvaluation, first_items
+from unizoo.model import UnifiedModel
 from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, new_run_dir, stage_checkpoint, write_metrics
 
 log = logging.getLogger(__name__)
+
+# Frozen components (the VAE, CLIP towers) stay in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
 
 
 def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
@@ -27,6 +33,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
     datamodule = instantiate(recipe.data, _convert_="all")
     model = build_model(recipe)
     strategy = instantiate(recipe.strategy, _convert_="all")
+    stages = _stages_to_run(strategy, recipe.start_stage, recipe.init_checkpoint)
 
     run_dir = Path(run_dir) if run_dir else new_run_dir(recipe.run_root, recipe.name)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -34,21 +41,18 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
     _log_to_file(run_dir / "train.log")
     log.info("run directory: %s", run_dir)
 
-    model.representation.prepare(datamodule)
+    model.prepare(datamodule)
+    if recipe.init_checkpoint:
+        _load_weights(model, recipe.init_checkpoint)
     model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
-    log.info("strategy %s: %s", strategy.name, ", ".join(f"{s.name} ({s.steps} steps)" for s in strategy.stages))
+    log.info("strategy %s: %s", strategy.name, ", ".join(f"{s.name} ({s.steps} steps)" for s in stages))
 
-    evaluation = SampleEvaluation(
-        prompts=datamodule.prompts("val", recipe.evaluation.prompts),
-        evaluator=instantiate(recipe.evaluator),
-        steps=recipe.evaluation.steps,
-        guidance=recipe.evaluation.guidance,
-        seed=recipe.evaluation.seed,
-    )
-    metrics = {"recipe": recipe.name, "run_dir": str(run_dir), "untrained": evaluation(model, run_dir / "samples_untrained.png")}
+    evaluate = _evaluations(recipe, datamodule, model, run_dir)
+    start = "untrained" if not recipe.init_checkpoint else "start"
+    metrics = {"recipe": recipe.name, "run_dir": str(run_dir), start: evaluate(start)}
     write_metrics(run_dir, metrics)
 
-    for stage in strategy.stages:
+    for stage in stages:
         model.set_stage(stage)
         stage_started = time.perf_counter()
         trainer = instantiate(
@@ -70,7 +74,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
         trainer.fit(model, datamodule=datamodule)
         trainer.save_checkpoint(stage_checkpoint(run_dir, stage.name))
         if trainer.is_global_zero:
-            metrics[stage.name] = evaluation(model, run_dir / f"samples_{stage.name}.png")
+            metrics[stage.name] = evaluate(stage.name)
             metrics.setdefault("seconds", {})[stage.name] = round(time.perf_counter() - stage_started, 1)
             write_metrics(run_dir, metrics)
 
@@ -78,6 +82,53 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
     write_metrics(run_dir, metrics)
     log.info("done in %.0f s: %s", metrics["seconds_total"], run_dir)
     return run_dir
+
+
+def _stages_to_run(strategy, start_stage: str | None, init_checkpoint: str | None) -> list:
+    """All stages, or those from `start_stage` on (which needs the earlier stages' weights)."""
+    if start_stage is None:
+        return list(strategy.stages)
+    if not init_checkpoint:
+        raise FileNotFoundError(
+            f"start_stage={start_stage!r} skips earlier stages, so it needs their weights: set "
+            "init_checkpoint=RUN_DIR/checkpoints/<earlier stage>.ckpt"
+        )
+    names = [stage.name for stage in strategy.stages]
+    if start_stage not in names:
+        raise FileNotFoundError(f"start_stage={start_stage!r} is not a stage of strategy {strategy.name!r}; stages: {', '.join(names)}")
+    return list(strategy.stages[names.index(start_stage) :])
+
+
+def _load_weights(model: UnifiedModel, checkpoint: str) -> None:
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"init_checkpoint={checkpoint!r} is not a file; stage checkpoints are RUN_DIR/checkpoints/<stage>.ckpt")
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+    log.info("weights from %s", path)
+
+
+def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: Path):
+    """`evaluate(phase) -> scores`: samples scored, and captions scored where the backbone reads images."""
+    generation = SampleEvaluation(
+        prompts=datamodule.prompts("val", recipe.evaluation.prompts),
+        evaluator=instantiate(recipe.evaluator),
+        steps=recipe.evaluation.steps,
+        guidance=recipe.evaluation.guidance,
+        seed=recipe.evaluation.seed,
+    )
+    understanding = None
+    if model.backbone.understands_images:
+        datamodule.setup("validate")
+        images, truth = first_items(datamodule.val_dataloader(), recipe.evaluation.captions)
+        understanding = CaptionEvaluation(images, truth, instantiate(recipe.understanding_evaluator))
+
+    def evaluate(phase: str) -> dict:
+        scores = {"generation": generation(model, run_dir / f"samples_{phase}.png")}
+        if understanding is not None:
+            scores["understanding"] = understanding(model, run_dir / f"captions_{phase}.txt")
+        return scores
+
+    return evaluate
 
 
 def _log_to_file(path: Path) -> None:

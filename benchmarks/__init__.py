@@ -1,0 +1,12 @@
+"""unizoo's throughput benchmarks (not part of the installed package).
+
+Run from the repository root::
+
+    python -m benchmarks.run all            # full sizes, results under benchmarks/results/<machine>/
+    python -m benchmarks.run all --quick    # tiny sizes: checks the harness in seconds
+
+Modules: ``measure`` (timing, memory, FLOPs, measured peak), ``attention_backends``
+(attention kernels alone), ``peer_models`` + ``peer_dit`` (unizoo's DiT against
+diffusers' DiT, training steps), ``report`` (JSON + Markdown), ``run`` (the CLI).
+See ``benchmarks/README.md``.
+"""

@@ -1,0 +1,112 @@
+"""`python -m benchmarks.run [attention|peer|all] [--quick] [--out DIR] [--repeats N] ...`
+
+Run from the repository root. Progress lines go to stderr, one per measurement; the
+Markdown tables go to stdout at the end; JSON + Markdown are written under
+``--out/<machine>/``. ``--quick`` shrinks every size (and uses the aot_eager compile
+backend, which skips C++ code generation) so the whole run takes seconds: it checks
+the harness, its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .attention_backends import AttentionConfig, run_attention
+from .measure import measured_peaks, memory_method
+from .peer_dit import run_peer
+from .peer_models import PeerConfig
+from .report import environment, write_results
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", nargs="?", default="all", choices=("attention", "peer", "all"),
+                        help="which benchmark (default all)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 1-2 repeats: a smoke test of the harness")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results root (default {DEFAULT_OUT})")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls/steps per measurement")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls/steps before timing")
+    parser.add_argument("--peak-n", type=int, default=None, help="matmul size of the measured peak")
+    group = parser.add_argument_group("attention")
+    group.add_argument("--seq-lens", type=int, nargs="+", default=None, help="sequence lengths (default 64..4096)")
+    group.add_argument("--attn-batch", type=int, default=None, help="batch (default 4)")
+    group.add_argument("--heads", type=int, default=None, help="heads (default 6)")
+    group.add_argument("--head-dim", type=int, default=None, help="head dim (default 64)")
+    group.add_argument("--attn-precision", choices=("fp32", "bf16", "fp16"), default=None,
+                       help="q/k/v dtype (default fp32 on CPU, bf16 on CUDA)")
+    group = parser.add_argument_group("peer (unizoo DiT vs diffusers DiT)")
+    group.add_argument("--batch", type=int, default=None, help="images per step (default 8)")
+    group.add_argument("--loss-steps", type=int, default=None, help="steps of the loss-curve check (default 20)")
+    group.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
+    return parser
+
+
+def _configs(args, device: torch.device) -> tuple[AttentionConfig, PeerConfig, int, int]:
+    default_precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = args.attn_precision or default_precision
+    attention = AttentionConfig.quick(precision) if args.quick else AttentionConfig(precision=precision)
+    peer = PeerConfig.quick() if args.quick else PeerConfig()
+    overrides = {
+        "seq_lens": tuple(args.seq_lens) if args.seq_lens else None, "batch": args.attn_batch,
+        "heads": args.heads, "head_dim": args.head_dim, "warmup": args.warmup, "repeats": args.repeats,
+    }
+    attention = replace(attention, **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {"batch": args.batch, "loss_steps": args.loss_steps, "compile_backend": args.compile_backend,
+                 "warmup": args.warmup, "repeats": args.repeats}
+    peer = replace(peer, **{k: v for k, v in overrides.items() if v is not None})
+    peak_n = args.peak_n or (256 if args.quick else 8192 if device.type == "cuda" else 4096)
+    peak_repeats = args.repeats or (2 if args.quick else 5)
+    return attention, peer, peak_n, peak_repeats
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    attention_cfg, peer_cfg, peak_n, peak_repeats = _configs(args, device)
+    env = {**environment(device), "memory_method": memory_method(device)}
+    _progress(f"benchmarks on {env['machine']} ({env['device_name']}, {env['torch_threads']} threads)"
+              + (" [quick: tiny sizes, numbers mean nothing]" if args.quick else ""))
+
+    peaks = measured_peaks(device, peak_n, peak_repeats)
+    for name, peak in peaks.items():
+        rate = f"{peak['flops_per_s'] / 1e12:.3f} TFLOP/s" if peak["flops_per_s"] else peak["note"]
+        _progress(f"peak {name}: {rate} ({peak_n}x{peak_n} matmul)")
+
+    tables = []
+    if args.benchmark in ("attention", "all"):
+        result = run_attention(attention_cfg, device, peaks, progress=_progress)
+        *paths, markdown = write_results("attention", result, env, peaks, args.out, args.quick)
+        tables.append(markdown)
+        _progress("wrote " + ", ".join(map(str, paths)))
+    if args.benchmark in ("peer", "all"):
+        result = run_peer(peer_cfg, device, peaks, progress=_progress)
+        for check in result["loss_checks"]:
+            _progress(f"loss check {check['variant']}: max rel diff {check['max_rel_diff']:.2e} "
+                      f"(tolerance {check['tolerance_rel']:.0e}) {'pass' if check['passed'] else 'FAIL'}")
+        *paths, markdown = write_results("peer_dit", result, env, peaks, args.out, args.quick)
+        tables.append(markdown)
+        _progress("wrote " + ", ".join(map(str, paths)))
+    print("\n\n".join(tables))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

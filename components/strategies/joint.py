@@ -1,0 +1,29 @@
+"""Joint training: understanding and generation losses together, on mixed batches (one stage).
+
+Every trainable group learns from both tasks at once; the backbone is shared, so the
+two losses compete for it (the MetaMorph / Janus recipe).
+"""
+
+from __future__ import annotations
+
+from unizoo.components.strategies.stages import Stage, Strategy
+
+
+def joint(
+    steps: int = 2000,
+    generation_weight: float = 1.0,
+    understanding_weight: float = 1.0,
+    generation_fraction: float = 0.5,
+) -> Strategy:
+    return Strategy(
+        name="joint",
+        stages=(
+            Stage(
+                name="joint",
+                losses={"generation": generation_weight, "understanding": understanding_weight},
+                trainable=("backbone", "projector", "queries", "generator"),
+                mixture={"generation": generation_fraction, "understanding": 1.0 - generation_fraction},
+                steps=steps,
+            ),
+        ),
+    )

@@ -1,0 +1,202 @@
+"""Pretrain a tiny transformers `CLIPModel` contrastively on the recipe's (image, caption) pairs.
+
+The embedded default has no downloadable CLIP, so unizoo trains one on the same data
+the study uses, the way it does for the VAE. Its vision tower's patch features are then
+a semantic (not pixel-exact) generation target, as in BLIP3-o's "CLIP + flow matching".
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import processors
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from unizoo.schedules import warmup_cosine
+from unizoo.text import word_level_tokenizer
+
+log = logging.getLogger(__name__)
+
+# OpenAI CLIP's pixel statistics: what CLIP-family towers (and EVA-CLIP) are trained with,
+# so the tiny CLIP uses them too and a real tower is a drop-in swap.
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+# The embedded default: patch 4 on 32 px -> an 8x8 grid of 64 patch tokens (+ CLS), ~1.2M parameters.
+TINY_CLIP: dict[str, Any] = dict(
+    vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, patch_size=4),
+    text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32),
+    projection_dim=128,
+)
+
+
+def clip_tokenizer(vocabulary: Iterable[str]) -> PreTrainedTokenizerFast:
+    """The word-level tokenizer of `vocabulary`, made CLIP-style: `<eos>` appended, right padding.
+
+    CLIP's text tower pools the hidden state at the first `eos_token_id`, so every
+    caption must end in one; a post-processor (saved with the tokenizer) adds it.
+    """
+    tokenizer = word_level_tokenizer(vocabulary)
+    eos = tokenizer.eos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", special_tokens=[(eos, tokenizer.eos_token_id)]
+    )
+    # CLIP's positions start at the first word only with right padding.
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tiny_clip_config(tokenizer: PreTrainedTokenizerBase, image_size: int, overrides: dict[str, Any] | None = None) -> CLIPConfig:
+    """`TINY_CLIP` updated by `overrides` ({"vision": {...}, "text": {...}, "projection_dim": ...})."""
+    overrides = overrides or {}
+    unknown = set(overrides) - set(TINY_CLIP)
+    if unknown:
+        raise ValueError(f"unknown tiny-CLIP keys {sorted(unknown)}; expected some of {sorted(TINY_CLIP)}")
+    vision = {**TINY_CLIP["vision"], **overrides.get("vision", {}), "image_size": image_size}
+    text = {
+        **TINY_CLIP["text"],
+        **overrides.get("text", {}),
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    projection_dim = overrides.get("projection_dim", TINY_CLIP["projection_dim"])
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+
+
+def preprocess(images: torch.Tensor, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Images `(B, 3, H, W)` in [-1, 1] -> a tower's input `(B, 3, image_size, image_size)`.
+
+    [-1, 1] -> [0, 1] -> resized (bicubic, antialiased, as CLIP processors do) -> (x - mean) / std.
+    """
+    x = (images.float() + 1) / 2
+    if x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
+    mean_ = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_ = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_) / std_
+
+
+def soft_contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+    """Symmetric InfoNCE where every pair with an identical caption is a positive.
+
+    `image_embeds`, `text_embeds`: `(B, D)`. The shapes data repeats captions within a
+    batch ("a red circle" several times); one-hot targets would push those duplicates
+    apart, so the targets are rows of the caption-equality matrix, normalised.
+    """
+    image_embeds = F.normalize(image_embeds, dim=-1)
+    text_embeds = F.normalize(text_embeds, dim=-1)
+    logits = logit_scale.exp() * image_embeds @ text_embeds.T  # (B, B): image i vs caption j
+    ids = torch.tensor(_caption_ids(captions), device=logits.device)
+    same = (ids[:, None] == ids[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)  # symmetric, so it also serves text -> image
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def _caption_ids(captions: Sequence[str]) -> list[int]:
+    index: dict[str, int] = {}
+    return [index.setdefault(c, len(index)) for c in captions]
+
+
+def train_clip(
+    model: CLIPModel,
+    tokenizer: PreTrainedTokenizerBase,
+    loader: DataLoader,
+    steps: int,
+    lr: float = 1e-3,
+    seed: int = 0,
+    weight_decay: float = 0.05,
+    warmup_steps: int = 50,
+) -> dict[str, float]:
+    """Train `model` in place for `steps` batches of `loader`; returns the final loss and logit scale."""
+    torch.manual_seed(seed)
+    model.train()
+    image_size = model.config.vision_config.image_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(warmup_steps, steps // 2 + 1), steps, 0.02))
+    batches = itertools.cycle(loader)
+    start = time.perf_counter()
+    progress = tqdm(range(steps), desc="pretraining CLIP", dynamic_ncols=True)
+    loss = torch.tensor(float("nan"))
+    for _ in progress:
+        batch = next(batches)
+        text = tokenizer(list(batch["caption"]), padding=True, return_tensors="pt")
+        pixels = preprocess(batch["image"], image_size, CLIP_MEAN, CLIP_STD)
+        image_embeds = model.get_image_features(pixel_values=pixels).pooler_output
+        text_embeds = model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask).pooler_output
+        loss = soft_contrastive_loss(image_embeds, text_embeds, model.logit_scale, batch["caption"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():  # CLIP's cap on the temperature: logits at most 100x cosine
+            model.logit_scale.clamp_(0, 4.6052)
+        progress.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
+    model.eval()
+    seconds = time.perf_counter() - start
+    log.info("CLIP pretrained for %d steps in %.0f s (loss %.3f)", steps, seconds, loss.item())
+    return {"loss": loss.item(), "logit_scale": model.logit_scale.exp().item(), "seconds": seconds}
+
+
+@torch.no_grad()
+def retrieval_accuracy(
+    model: CLIPModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, size: int | None = None, batch_size: int = 128
+) -> dict[str, float]:
+    """Zero-shot caption classification of `dataset`'s first `size` images among their distinct captions.
+
+    Returns top-1 `accuracy`, `chance` (1 / number of distinct captions) and the
+    accuracy of the majority-caption guess, `majority`, which a collapsed model reaches.
+    """
+    model.eval()
+    size = len(dataset) if size is None else min(size, len(dataset))
+    items = [dataset[i] for i in range(size)]
+    captions = [item["caption"] for item in items]
+    classes = sorted(set(captions))
+    text = tokenizer(classes, padding=True, return_tensors="pt")
+    text_embeds = F.normalize(model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask).pooler_output, dim=-1)
+    image_size = model.config.vision_config.image_size
+    predictions = []
+    for start in range(0, size, batch_size):
+        images = torch.stack([item["image"] for item in items[start : start + batch_size]])
+        image_embeds = model.get_image_features(pixel_values=preprocess(images, image_size, CLIP_MEAN, CLIP_STD)).pooler_output
+        predictions += (F.normalize(image_embeds, dim=-1) @ text_embeds.T).argmax(dim=1).tolist()
+    correct = [classes[p] == c for p, c in zip(predictions, captions)]
+    return {
+        "accuracy": sum(correct) / size,
+        "chance": 1 / len(classes),
+        "majority": Counter(captions).most_common(1)[0][1] / size,
+    }
+
+
+def save_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
+    """A complete CLIP directory: weights + config, tokenizer, and the pixel statistics it was trained with."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    size = model.config.vision_config.image_size
+    # The fields of a CLIPImageProcessor, written directly: the representation reads only mean/std/size.
+    processor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+        "size": {"shortest_edge": size},
+        "crop_size": {"height": size, "width": size},
+        "do_resize": True,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "resample": 3,
+    }
+    (Path(directory) / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
