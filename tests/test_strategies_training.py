@@ -13,10 +13,6 @@ from unizoo.build import build_model
 from unizoo.composition import compose_recipe
 from unizoo.train import train
 
-# A frozen tiny VAE stands in as the vision encoder: any representation can be one.
-VISION = "+backbone.vision_encoder={_target_:unizoo.components.representations.vae.VAERepresentation,autoencoder:{block_out_channels:[16,16,16]},pretraining:{steps:3}}"
-
-
 def weights(run_dir, stage):
     return torch.load(run_dir / "checkpoints" / f"{stage}.ckpt", map_location="cpu", weights_only=False)["state_dict"]
 
@@ -31,7 +27,7 @@ def same(a, b):
 
 @pytest.fixture(scope="module")
 def sequential_run(tmp_path_factory):
-    overrides = [*TINY_OVERRIDES, VISION, "strategy=sequential", *STAGE_STEPS["sequential"],
+    overrides = [*TINY_OVERRIDES, "strategy=sequential", *STAGE_STEPS["sequential"],
                  f"run_root={tmp_path_factory.mktemp('runs')}"]
     return train(compose_recipe("default", overrides))
 
@@ -46,7 +42,7 @@ def test_sequential_stage_two_freezes_the_backbone_bit_for_bit(sequential_run):
 
 def test_sequential_stage_one_trains_only_understanding(sequential_run, tiny_overrides):
     L.seed_everything(0, verbose=False)  # the run's seed: the same initial weights
-    initial = build_model(compose_recipe("default", [*tiny_overrides, VISION, "strategy=sequential"])).state_dict()
+    initial = build_model(compose_recipe("default", [*tiny_overrides, "strategy=sequential"])).state_dict()
     stage1 = weights(sequential_run, "understanding")
     assert not same(group(initial, "backbone.lm."), group(stage1, "backbone.lm."))
     assert not same(group(initial, "backbone.projector."), group(stage1, "backbone.projector."))
@@ -62,7 +58,7 @@ def test_stage_two_leaves_the_understanding_score_exactly_unchanged(sequential_r
 
 
 def test_a_run_can_start_at_stage_two_from_stage_one(sequential_run, tiny_overrides):
-    run = train(compose_recipe("default", [*tiny_overrides, VISION, "strategy=sequential", "strategy.generation_steps=2",
+    run = train(compose_recipe("default", [*tiny_overrides, "strategy=sequential", "strategy.generation_steps=2",
                                            "start_stage=generation", f"init_checkpoint={sequential_run / 'checkpoints' / 'understanding.ckpt'}"]))
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) >= {"start", "generation"} and "understanding" not in metrics.get("seconds", {})
@@ -70,7 +66,7 @@ def test_a_run_can_start_at_stage_two_from_stage_one(sequential_run, tiny_overri
 
 
 def test_joint_trains_the_backbone_with_both_losses(tiny_overrides):
-    overrides = [*tiny_overrides, VISION, "strategy=joint", "strategy.steps=4"]
+    overrides = [*tiny_overrides, "strategy=joint", "strategy.steps=4"]
     L.seed_everything(0, verbose=False)
     initial = build_model(compose_recipe("default", overrides)).state_dict()
     run = train(compose_recipe("default", overrides))
@@ -83,4 +79,4 @@ def test_joint_trains_the_backbone_with_both_losses(tiny_overrides):
 
 def test_start_stage_without_weights_is_a_clear_error(tiny_overrides):
     with pytest.raises(FileNotFoundError, match="init_checkpoint"):
-        train(compose_recipe("default", [*tiny_overrides, VISION, "strategy=sequential", "start_stage=generation"]))
+        train(compose_recipe("default", [*tiny_overrides, "strategy=sequential", "start_stage=generation"]))

@@ -31,13 +31,14 @@ def recipes_dir() -> Path:
 
 
 def groups() -> dict[str, list[str]]:
-    """Each swappable group (a folder of `recipes/`) and its choices."""
+    """Each swappable group (a folder of `recipes/`, nested ones as `backbone/vision_encoder`) and its choices."""
     root = recipes_dir()
-    return {
-        folder.name: sorted(p.stem for p in folder.glob("*.yaml"))
-        for folder in sorted(root.iterdir())
-        if folder.is_dir() and any(folder.glob("*.yaml"))
-    }
+    found = {}
+    for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
+        choices = sorted(p.stem for p in folder.glob("*.yaml"))
+        if choices:
+            found[folder.relative_to(root).as_posix()] = choices
+    return found
 
 
 def recipe_names() -> list[str]:

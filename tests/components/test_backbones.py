@@ -62,3 +62,55 @@ def test_missing_pretrained_directory_is_a_clear_error(tmp_path):
 def test_unknown_size_lists_sizes():
     with pytest.raises(ValueError, match="tiny, small, base"):
         CausalLMBackbone(word_level_tokenizer(vocabulary()), size="huge")
+
+
+class PixelPatches(torch.nn.Module):
+    """A stand-in vision encoder: 4x4 patches of the image as 16 tokens of 192 values."""
+
+    token_shape = (16, 192)
+
+    def encode(self, images):
+        patches = images.unfold(2, 8, 8).unfold(3, 8, 8)  # (B, 3, 4, 4, 8, 8)
+        return patches.permute(0, 2, 3, 1, 4, 5).reshape(images.shape[0], 16, 192)
+
+    def prepare(self, datamodule):
+        self.prepared = True
+
+
+@pytest.fixture
+def reader():
+    torch.manual_seed(0)
+    return CausalLMBackbone(word_level_tokenizer(vocabulary()), num_queries=2, config_overrides=SMALL, vision_encoder=PixelPatches())
+
+
+def test_vision_encoder_adds_a_projector_group(reader, backbone):
+    assert reader.understands_images and not backbone.understands_images
+    assert set(reader.parameter_groups()) == {"backbone", "queries", "projector"}
+    reader.prepare(None)
+    assert reader.vision_encoder.prepared
+
+
+def test_understanding_loss_learns_to_caption():
+    from unizoo.data.datamodule import ShapesDataset
+
+    torch.manual_seed(0)
+    reader = CausalLMBackbone(word_level_tokenizer(vocabulary()), num_queries=2, config_overrides=SMALL, vision_encoder=PixelPatches())
+    data = ShapesDataset("train", 8)
+    images = torch.stack([data[i]["image"] for i in range(8)])
+    captions = [data[i]["caption"] for i in range(8)]
+    optimizer = torch.optim.AdamW(reader.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = reader.understanding_loss(images, captions)
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < first / 10
+    # Memorised: greedy decoding reproduces the training captions.
+    assert reader.eval().caption(images) == captions
+
+
+def test_understanding_without_a_vision_encoder_is_a_clear_error(backbone):
+    with pytest.raises(RuntimeError, match="vision_encoder"):
+        backbone.understanding_loss(torch.zeros(1, 3, 32, 32), ["a red circle"])

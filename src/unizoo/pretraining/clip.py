@@ -7,12 +7,11 @@ a semantic (not pixel-exact) generation target, as in BLIP3-o's "CLIP + flow mat
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,13 @@ log = logging.getLogger(__name__)
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
-# The embedded default: patch 4 on 32 px -> an 8x8 grid of 64 patch tokens (+ CLS), ~1.2M parameters.
+# The embedded default: patch 4 on 32 px -> an 8x8 grid of 64 patch tokens (+ CLS), ~0.3M parameters.
+# Width 64, not 128: on a 2-core CPU, 64 wide trains 2.4x faster per step, and in the same
+# ~70 s it retrieves val captions better (59% vs 49% top-1): steps matter more than width here.
 TINY_CLIP: dict[str, Any] = dict(
-    vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, patch_size=4),
-    text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32),
-    projection_dim=128,
+    vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, patch_size=4),
+    text=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32),
+    projection_dim=64,
 )
 
 
@@ -57,21 +58,23 @@ def clip_tokenizer(vocabulary: Iterable[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_clip_config(tokenizer: PreTrainedTokenizerBase, image_size: int, overrides: dict[str, Any] | None = None) -> CLIPConfig:
-    """`TINY_CLIP` updated by `overrides` ({"vision": {...}, "text": {...}, "projection_dim": ...})."""
+def tiny_clip_config(
+    image_size: int, overrides: dict[str, Any] | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+) -> CLIPConfig:
+    """`TINY_CLIP` updated by `overrides` ({"vision": {...}, "text": {...}, "projection_dim": ...}).
+
+    The text side takes its vocabulary and special ids from `tokenizer`; without one
+    only the vision side is meaningful (enough to build the vision tower and its shapes).
+    """
     overrides = overrides or {}
     unknown = set(overrides) - set(TINY_CLIP)
     if unknown:
         raise ValueError(f"unknown tiny-CLIP keys {sorted(unknown)}; expected some of {sorted(TINY_CLIP)}")
     vision = {**TINY_CLIP["vision"], **overrides.get("vision", {}), "image_size": image_size}
-    text = {
-        **TINY_CLIP["text"],
-        **overrides.get("text", {}),
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
+    text = {**TINY_CLIP["text"], **overrides.get("text", {})}
+    if tokenizer is not None:
+        ids = ("pad_token_id", "bos_token_id", "eos_token_id")
+        text.update(vocab_size=len(tokenizer), **{name: getattr(tokenizer, name) for name in ids})
     projection_dim = overrides.get("projection_dim", TINY_CLIP["projection_dim"])
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
 
@@ -110,12 +113,19 @@ def _caption_ids(captions: Sequence[str]) -> list[int]:
     return [index.setdefault(c, len(index)) for c in captions]
 
 
+def _forever(loader: DataLoader) -> Iterator[dict[str, Any]]:
+    # Not itertools.cycle: that keeps every batch of the first epoch in memory and
+    # replays them in the same order instead of reshuffling.
+    while True:
+        yield from loader
+
+
 def train_clip(
     model: CLIPModel,
     tokenizer: PreTrainedTokenizerBase,
     loader: DataLoader,
     steps: int,
-    lr: float = 1e-3,
+    lr: float = 2e-3,
     seed: int = 0,
     weight_decay: float = 0.05,
     warmup_steps: int = 50,
@@ -126,7 +136,7 @@ def train_clip(
     image_size = model.config.vision_config.image_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(warmup_steps, steps // 2 + 1), steps, 0.02))
-    batches = itertools.cycle(loader)
+    batches = _forever(loader)
     start = time.perf_counter()
     progress = tqdm(range(steps), desc="pretraining CLIP", dynamic_ncols=True)
     loss = torch.tensor(float("nan"))

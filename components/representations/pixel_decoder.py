@@ -1,0 +1,89 @@
+"""Features -> pixels: a flow-matching DiT that generates VAE latents conditioned on features.
+
+The decoding half of a representation that cannot be inverted directly (CLIP
+features). Its VAE is the `vae` representation itself (same cache), its generator
+and objective are the zoo's DiT and flow matching: the decoder is a small
+generation recipe of its own, conditioned on an image's features instead of a caption.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from unizoo.components.generators.dit import dit
+from unizoo.components.objectives.flow_matching import FlowMatching
+from unizoo.components.representations.vae import VAERepresentation
+from unizoo.pretraining.cache import cached_directory
+from unizoo.pretraining.pixel_decoder import train_pixel_decoder
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "generator.safetensors"
+
+
+class PixelDecoder(nn.Module):
+    """`decode(features (B, Nf, Cf)) -> images (B, 3, H, W)` through generated VAE latents."""
+
+    def __init__(
+        self,
+        feature_shape: tuple[int, int],
+        vae: VAERepresentation | dict[str, Any] | None = None,
+        generator: dict[str, Any] | None = None,
+        objective: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
+        image_size: int = 32,
+    ) -> None:
+        """`vae`: the representation whose latents it generates (a recipe's `vae` arrives built), or its
+        arguments; `generator`: `dit()` arguments; `objective`: `FlowMatching` arguments; `training`:
+        steps and lr of its own training."""
+        super().__init__()
+        self.vae = vae if isinstance(vae, nn.Module) else VAERepresentation(**{"image_size": image_size, **(vae or {})})
+        num_tokens, token_dim = self.vae.token_shape
+        generator = {"size": "tiny", **(generator or {})}
+        objective = {"guidance": 1.0, "sample_steps": 20, **(objective or {})}
+        self.generator = dit(**generator, token_dim=token_dim, num_tokens=num_tokens, condition_dim=feature_shape[1])
+        self.objective = FlowMatching(**objective)
+        self.training_settings = {"steps": 1000, "lr": 1e-3, **(training or {})}
+        self.config = {"feature_shape": list(feature_shape), "generator": generator, "objective": objective, "training": self.training_settings}
+        self.generator.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "PixelDecoder":
+        # Frozen inside a unified model: its own training happens in `prepare`.
+        super().train(mode)
+        self.generator.eval()
+        self.vae.train(mode)
+        return self
+
+    def prepare(self, datamodule: L.LightningDataModule, encode: Callable[[torch.Tensor], torch.Tensor], signature: dict) -> None:
+        """Load (or train and cache) the decoder for features made by `encode`, identified by `signature`."""
+        self.vae.prepare(datamodule)
+        key = {"decoder": self.config, "vae": self.vae.cache_signature(datamodule), "features": signature}
+
+        def build(directory: Path) -> None:
+            datamodule.setup("fit")
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                torch.manual_seed(0)  # the initialisation is part of what the key stands for
+                self.generator.initialize_weights()
+                self.generator.requires_grad_(True)
+                train_pixel_decoder(self.generator, self.objective, self.vae.encode, encode, datamodule.train_dataloader(),
+                                    **self.training_settings)
+                self.generator.requires_grad_(False).eval()
+            save_file(self.generator.state_dict(), str(directory / WEIGHTS_FILE))
+
+        entry, reused = cached_directory("pixel_decoder", key, build)
+        self.generator.load_state_dict(load_file(str(entry / WEIGHTS_FILE)))
+        log.info("pixel decoder: %s %s", "reusing the cached decoder at" if reused else "trained and cached at", entry)
+
+    @torch.no_grad()
+    def decode(self, features: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Images `(B, 3, H, W)` in [-1, 1]; seeded, so decoding is a function of the features."""
+        latents = self.objective.sample(self.generator, features, rng=torch.Generator().manual_seed(seed))
+        return self.vae.decode(latents)
