@@ -11,6 +11,7 @@ import itertools
 import math
 
 import pytest
+from PIL import Image
 
 from conftest import TINY_OVERRIDES
 from unizoo.cli import main
@@ -44,3 +45,8 @@ def test_combination_trains_and_its_losses_fall(representation, objective, strat
         assert all(math.isfinite(v) for v in values), name
         first, last = sum(values[:6]) / 6, sum(values[-6:]) / 6
         assert last < first, f"{name}: {first:.4f} -> {last:.4f}"
+    # Sampling writes images, not features, whatever the representation.
+    out = tmp_path / "samples"
+    assert main(["sample", str(run_dir), "--prompt", "a red circle", "--n", "2", "--steps", "2", "--out", str(out)]) == 0
+    with Image.open(out / "000.png") as image:
+        assert image.size == (32, 32) and image.mode == "RGB"

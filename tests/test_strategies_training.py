@@ -80,3 +80,27 @@ def test_joint_trains_the_backbone_with_both_losses(tiny_overrides):
 def test_start_stage_without_weights_is_a_clear_error(tiny_overrides):
     with pytest.raises(FileNotFoundError, match="init_checkpoint"):
         train(compose_recipe("default", [*tiny_overrides, "strategy=sequential", "start_stage=generation"]))
+
+
+def test_caption_command_captions_images_and_skips_broken_ones(sequential_run, tmp_path, capsys):
+    from unizoo.cli import main
+    from unizoo.data.shapes import draw_scene
+    from unizoo.data.datamodule import ShapesDataset
+
+    good = tmp_path / "shapes.png"
+    draw_scene(ShapesDataset("test", 1).scene(0), 64).save(good)  # another size: resized to the run's 32 px
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    assert main(["caption", str(sequential_run), str(good), str(broken)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()  # "PATH<tab>caption"; a 4-step model's caption may be empty
+    assert len(lines) == 1 and lines[0].split("\t")[0] == str(good)
+    assert "skipped" in captured.err and "broken.png" in captured.err
+
+
+def test_caption_command_on_a_run_without_vision_is_a_clear_error(tmp_path, tiny_overrides, capsys):
+    from unizoo.cli import main
+
+    run = train(compose_recipe("default", [*tiny_overrides, "strategy.steps=1"]))
+    assert main(["caption", str(run), str(tmp_path / "x.png")]) == 2
+    assert "without a vision encoder" in capsys.readouterr().err

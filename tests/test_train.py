@@ -23,7 +23,7 @@ def tiny_run(tmp_path_factory):
 
 def test_run_directory_holds_everything(tiny_run):
     for name in ["recipe.yaml", "tokenizer/tokenizer.json", "checkpoints/generation.ckpt", "samples_untrained.png",
-                 "samples_generation.png", "metrics.json", "train.log", "logs/generation/metrics.csv"]:
+                 "samples_generation.png", "metrics.json", "train.log", "logs/generation/metrics.csv", "round_trip.png"]:
         assert (tiny_run / name).exists(), name
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     for phase in ("untrained", "generation"):
@@ -31,6 +31,8 @@ def test_run_directory_holds_everything(tiny_run):
         assert metrics[phase]["generation"]["n"] == 4
         assert "understanding" not in metrics[phase]  # the default backbone has no vision encoder
     assert metrics["seconds_total"] > 0
+    round_trip = metrics["representation"]
+    assert 0.0 <= round_trip["round_trip"] <= 1.0 and round_trip["original"] == 1.0  # real images score perfectly
     assert Image.open(tiny_run / "samples_generation.png").size[0] > 100
 
 

@@ -4,6 +4,7 @@
     unizoo recipe [NAME] [overrides ...]
     unizoo sample RUN_DIR --prompt "two red circles" [--n 8 --steps 30 --guidance 3]
     unizoo caption RUN_DIR IMAGE [IMAGE ...]
+    unizoo bench [attention|peer|all] [--quick] [...]   (from a source checkout)
 
 Mistakes in a recipe, a path or an argument exit with status 2 and one paragraph
 saying what was wrong and what would be valid; never a traceback.
@@ -103,6 +104,21 @@ def command_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_bench(args: argparse.Namespace) -> int:
+    # The harness lives in the repository's benchmarks/ (not in the wheel): find the
+    # checkout this package was installed from.
+    checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / "benchmarks" / "run.py").is_file():
+        raise UsageError(
+            "unizoo bench needs the benchmarks/ folder of a source checkout: clone the repository, "
+            "`pip install -e .` there, and run `unizoo bench` (or `python -m benchmarks.run`) from it"
+        )
+    sys.path.insert(0, str(checkout))
+    from benchmarks.run import main as bench_main
+
+    return bench_main(args.arguments)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unizoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("images", nargs="+", type=Path, help="image files (any size; resized to the run's image size)")
     caption.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint other than the last stage's")
     caption.set_defaults(run=command_caption)
+
+    bench = commands.add_parser("bench", help="throughput benchmarks (python -m benchmarks.run --help lists the options)")
+    bench.add_argument("arguments", nargs=argparse.REMAINDER, help="[attention|peer|all] [--quick] [--out DIR] ...")
+    bench.set_defaults(run=command_bench)
     return parser
 
 

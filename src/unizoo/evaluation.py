@@ -76,3 +76,26 @@ class CaptionEvaluation:
             examples_path,
         )
         return scores
+
+
+@dataclass
+class RoundTripEvaluation:
+    """How much of what the evaluator sees survives the representation: score(decode(encode(x))) vs score(x)."""
+
+    images: torch.Tensor
+    captions: Sequence[str]
+    evaluator: Callable[[list[str], torch.Tensor], dict[str, float]]
+
+    def __call__(self, representation: torch.nn.Module, grid_path: Path) -> dict[str, float]:
+        start = time.perf_counter()
+        decoded = representation.decode(representation.encode(self.images)).float().cpu()
+        original = self.evaluator(list(self.captions), self.images)["overall"]
+        round_trip = self.evaluator(list(self.captions), decoded)["overall"]
+        shown = min(16, len(self.captions))  # originals above, their round trips below
+        save_grid(torch.cat([self.images[:shown], decoded[:shown]]), grid_path, captions=[*self.captions[:shown]] * 2, columns=shown)
+        scores = {"original": original, "round_trip": round_trip, "ratio": round_trip / original if original else 0.0}
+        log.info(
+            "representation round trip on %d images (%.0f s): evaluator overall %.3f -> %.3f (ratio %.3f) -> %s",
+            len(self.captions), time.perf_counter() - start, original, round_trip, scores["ratio"], grid_path,
+        )
+        return scores

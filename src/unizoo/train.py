@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from unizoo.build import build_model
-from unizoo.evaluation import CaptionEvaluation, SampleEvaluation, first_items
+from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
 from unizoo.model import UnifiedModel
 from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, new_run_dir, stage_checkpoint, write_metrics
 
@@ -42,6 +42,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
     log.info("run directory: %s", run_dir)
 
     model.prepare(datamodule)
+    datamodule.setup("validate")
     if recipe.init_checkpoint:
         _load_weights(model, recipe.init_checkpoint)
     model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
@@ -49,7 +50,11 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
 
     evaluate = _evaluations(recipe, datamodule, model, run_dir)
     start = "untrained" if not recipe.init_checkpoint else "start"
-    metrics = {"recipe": recipe.name, "run_dir": str(run_dir), start: evaluate(start)}
+    metrics = {"recipe": recipe.name, "run_dir": str(run_dir)}
+    # The ceiling any generator of this representation can reach: frozen, so measured once.
+    images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
+    metrics["representation"] = RoundTripEvaluation(images, captions, instantiate(recipe.evaluator))(model.representation, run_dir / "round_trip.png")
+    metrics[start] = evaluate(start)
     write_metrics(run_dir, metrics)
 
     for stage in stages:
@@ -118,7 +123,6 @@ def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: P
     )
     understanding = None
     if model.backbone.understands_images:
-        datamodule.setup("validate")
         images, truth = first_items(datamodule.val_dataloader(), recipe.evaluation.captions)
         understanding = CaptionEvaluation(images, truth, instantiate(recipe.understanding_evaluator))
 

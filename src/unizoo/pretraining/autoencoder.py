@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from unizoo.pretraining.batches import endless
 from unizoo.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def train_autoencoder(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     # Cosine decay: the last steps at a small rate sharpen edges noticeably.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(50, steps // 2 + 1), steps, 0.02))
-    batches = itertools.cycle(loader)
+    batches = endless(loader)
     start = time.perf_counter()
     progress = tqdm(range(steps), desc="pretraining VAE", dynamic_ncols=True)
     for _ in progress:

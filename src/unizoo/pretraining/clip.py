@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from unizoo.pretraining.batches import endless
 from unizoo.schedules import warmup_cosine
 from unizoo.text import word_level_tokenizer
 
@@ -113,13 +114,6 @@ def _caption_ids(captions: Sequence[str]) -> list[int]:
     return [index.setdefault(c, len(index)) for c in captions]
 
 
-def _forever(loader: DataLoader) -> Iterator[dict[str, Any]]:
-    # Not itertools.cycle: that keeps every batch of the first epoch in memory and
-    # replays them in the same order instead of reshuffling.
-    while True:
-        yield from loader
-
-
 def train_clip(
     model: CLIPModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -136,7 +130,7 @@ def train_clip(
     image_size = model.config.vision_config.image_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(warmup_steps, steps // 2 + 1), steps, 0.02))
-    batches = _forever(loader)
+    batches = endless(loader)
     start = time.perf_counter()
     progress = tqdm(range(steps), desc="pretraining CLIP", dynamic_ncols=True)
     loss = torch.tensor(float("nan"))

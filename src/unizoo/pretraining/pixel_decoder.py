@@ -7,7 +7,6 @@ latent tokens of an image, the condition is the features of the same image.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from unizoo.pretraining.batches import endless
 from unizoo.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def train_pixel_decoder(
     generator.train()
     optimizer = torch.optim.AdamW(generator.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(50, steps // 2 + 1), steps))
-    batches = itertools.cycle(loader)
+    batches = endless(loader)
     start = time.perf_counter()
     progress = tqdm(range(steps), desc="training pixel decoder", dynamic_ncols=True)
     for _ in progress:
