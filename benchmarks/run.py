@@ -1,4 +1,4 @@
-"""`python -m benchmarks.run [attention|peer|all] [--quick] [--out DIR] [--repeats N] ...`
+"""`python -m benchmarks.run [attention|peer|variants|all] [--quick] [--out DIR] [--repeats N] ...`
 
 Run from the repository root. Progress lines go to stderr, one per measurement; the
 Markdown tables go to stdout at the end; JSON + Markdown are written under
@@ -22,6 +22,7 @@ from .measure import measured_peaks, memory_method
 from .peer_dit import run_peer
 from .peer_models import PeerConfig
 from .report import environment, write_results
+from .variants import VariantsConfig, load_study, run_variants
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -33,7 +34,7 @@ def _progress(line: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", nargs="?", default="all", choices=("attention", "peer", "all"),
+    parser.add_argument("benchmark", nargs="?", default="all", choices=("attention", "peer", "variants", "all"),
                         help="which benchmark (default all)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1-2 repeats: a smoke test of the harness")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results root (default {DEFAULT_OUT})")
@@ -50,10 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--attn-precision", choices=("fp32", "bf16", "fp16"), default=None,
                        help="q/k/v dtype (default fp32 on CPU, bf16 on CUDA)")
     group = parser.add_argument_group("peer (unizoo DiT vs diffusers DiT)")
-    group.add_argument("--batch", type=int, default=None, help="images per step (default 8)")
+    group.add_argument("--batch", type=int, default=None,
+                       help="images per training step, peer and variants (default 8; --quick: 2 peer, 4 variants)")
     group.add_argument("--loss-steps", type=int, default=None, help="steps of the loss-curve check (default 20)")
     group.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
+    group = parser.add_argument_group("variants (a training step per design-space cell, stage and size)")
+    group.add_argument("--sizes", nargs="+", default=None,
+                       help="generator sizes, of tiny S B L XL (default tiny S; --quick: tiny, with a one-layer LM)")
+    group.add_argument("--select", nargs="+", default=None, metavar="AXIS=CHOICE[,CHOICE]",
+                       help="keep only these choices of an axis of the grid, e.g. objective=flow_matching "
+                            "strategy=sequential (default: every cell)")
     return parser
+
+
+def _variants_config(args, parser: argparse.ArgumentParser) -> VariantsConfig:
+    cfg = VariantsConfig.quick() if args.quick else VariantsConfig()
+    overrides = {"sizes": tuple(args.sizes) if args.sizes else None, "batch": args.batch,
+                 "select": tuple(args.select) if args.select else None, "warmup": args.warmup,
+                 "repeats": args.repeats}
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    try:  # a bad --select is a usage error, found before any measurement
+        study = load_study(cfg.study)
+        study.parse_select(cfg.select)
+    except ValueError as error:
+        parser.error(str(error))
+    return cfg
 
 
 def _configs(args, device: torch.device) -> tuple[AttentionConfig, PeerConfig, int, int]:
@@ -75,7 +97,9 @@ def _configs(args, device: torch.device) -> tuple[AttentionConfig, PeerConfig, i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    variants_cfg = _variants_config(args, parser)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -102,6 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _progress(f"loss check {check['variant']}: max rel diff {check['max_rel_diff']:.2e} "
                       f"(tolerance {check['tolerance_rel']:.0e}) {'pass' if check['passed'] else 'FAIL'}")
         *paths, markdown = write_results("peer_dit", result, env, peaks, args.out, args.quick)
+        tables.append(markdown)
+        _progress("wrote " + ", ".join(map(str, paths)))
+    if args.benchmark in ("variants", "all"):
+        result = run_variants(variants_cfg, device, peaks, progress=_progress)
+        for pair in result["clip_vs_vae"]:
+            _progress(f"CLIP/VAE {pair['size']} {pair['clip']} {pair['stage']}: {pair['ratio']:.2f}x images/s "
+                      f"({'reaches' if pair['reaches_target'] else 'below'} {result['target_ratio']:g}x)")
+        *paths, markdown = write_results("variants", result, env, peaks, args.out, args.quick)
         tables.append(markdown)
         _progress("wrote " + ", ".join(map(str, paths)))
     print("\n\n".join(tables))

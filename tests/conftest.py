@@ -6,6 +6,10 @@ override sizes, so a recipe that breaks is caught here, not in a user's run.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 # Overrides that shrink any recipe to a few seconds; sizes stay valid for every component.
@@ -58,3 +62,25 @@ def isolated_cache(tmp_path_factory):
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return [*TINY_OVERRIDES, f"run_root={tmp_path / 'runs'}"]
+
+
+def cache_keys_in_fresh_processes(representation: str) -> set[str]:
+    """The cache key of `representation`'s default (a class name in unizoo.components.representations)
+    computed in three processes with different string-hash seeds.
+
+    Python randomises str hashing per process; a key built from set-ordered config
+    (such as transformers' or diffusers' private bookkeeping) would miss the cache in
+    every new run.
+    """
+    module, cls = representation.rsplit(".", 1)
+    code = (
+        f"from unizoo.components.representations.{module} import {cls};"
+        "from unizoo.data.datamodule import ShapesDataModule;"
+        "from unizoo.pretraining.cache import content_hash;"
+        f"print(content_hash({cls}().cache_signature(ShapesDataModule())))"
+    )
+    return {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+        for seed in (1, 2, 3)
+    }

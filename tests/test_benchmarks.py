@@ -11,11 +11,13 @@ import math
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from hydra.utils import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package of the repository, not installed
@@ -25,6 +27,9 @@ from benchmarks.attention_backends import AttentionConfig, attention_flops  # no
 from benchmarks.measure import PeakMemory, count_flops, memory_method, time_call  # noqa: E402
 from benchmarks.peer_dit import REFERENCE, VARIANTS  # noqa: E402
 from benchmarks.report import machine_slug  # noqa: E402
+from benchmarks.variants import VariantsConfig, run_variants, variants_markdown  # noqa: E402
+from unizoo.study import DESIGN_SPACE, load_study  # noqa: E402
+from unizoo.composition import compose_recipe  # noqa: E402
 from unizoo.components.generators.attention import attention  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
@@ -34,14 +39,18 @@ ON_CUDA = torch.cuda.is_available()
 def quick_run(tmp_path_factory):
     """``python -m benchmarks.run all --quick`` from the repository root, into a tmp dir."""
     out = tmp_path_factory.mktemp("bench")
+    # One thread: next to another busy process on the same cores, two OpenMP threads wait on
+    # each other and the variants grid alone took over 4 minutes; at one thread the run takes ~30 s.
     process = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "all", "--quick", "--device", "cpu", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.run", "all", "--quick", "--device", "cpu", "--threads", "1",
+         "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )
     assert process.returncode == 0, process.stderr[-3000:]
     folders = list(out.iterdir())
     assert len(folders) == 1, folders
     folder = folders[0]
+    assert (folder / "variants-quick.json").is_file() and (folder / "variants-quick.md").is_file()  # `all` runs it
     return {
         "folder": folder,
         "stdout": process.stdout,
@@ -161,6 +170,127 @@ def test_timing_and_memory_helpers():
     assert memory.bytes >= 0
     if "VmHWM" in memory_method(torch.device("cpu")):  # the reset high-water mark saw the block
         assert memory.bytes >= 32 * 2**20  # loose: RSS is page-granular, the allocator may reuse pages
+
+
+# ---------------------------------------------------------------- design-space variants
+
+VARIANT_CELLS = ("vae+flow_matching+sequential", "clip+flow_matching+sequential")
+
+
+@pytest.fixture(scope="module")
+def variants_run(tmp_path_factory):
+    """``benchmarks.run variants --quick`` on two cells (VAE and CLIP, flow matching, sequential)."""
+    out = tmp_path_factory.mktemp("variants")
+    # One thread: next to another busy process on the same cores, two OpenMP threads wait on
+    # each other and a step takes 45-115x longer; one keeps the run in seconds.
+    process = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "variants", "--quick", "--device", "cpu", "--threads", "1",
+         "--select", "objective=flow_matching", "strategy=sequential", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    (folder,) = out.iterdir()
+    return {
+        "result": json.loads((folder / "variants-quick.json").read_text()),
+        "md": (folder / "variants-quick.md").read_text(),
+        "stdout": process.stdout,
+        "stderr": process.stderr,
+    }
+
+
+def test_variants_rows(variants_run):
+    result = variants_run["result"]
+    assert result["quick"] is True and result["config"]["sizes"] == ["tiny"]
+    rows = result["rows"]
+    expected = {(cell, stage, "tiny") for cell in VARIANT_CELLS for stage in ("understanding", "generation")}
+    assert sorted((r["name"], r["stage"], r["size"]) for r in rows) == sorted(expected)  # one row each
+    for row in rows:
+        assert row["status"] == "ok", row
+        _positive_finite(row, ["step_ms", "images_per_s", "tokens_per_s", "flops_per_step", "tflops_per_s", "mfu"])
+        assert math.isfinite(row["peak_mem_mb"]) and row["peak_mem_mb"] >= 0
+        assert row["tokens_per_s"] == row["images_per_s"] * row["tokens_per_image"]  # exactly, as the JSON says
+        assert row["images_per_s"] == pytest.approx(row["batch"] / (row["step_ms"] / 1e3))
+        # The throughput setting: 64 px, 16x16x4 VAE latents against CLIP's 16x16 grid pooled to 64.
+        assert row["tokens_per_image"] == {"vae": 256, "clip": 64}[row["representation"]]
+        if row["stage"] == "generation":
+            _positive_finite(row, ["target_encode_ms", "generator_ms", "generator_flops"])
+            assert row["generator_flops"] < row["flops_per_step"]
+        else:  # no generation loss: nothing to break down
+            assert row["generator_ms"] is None and row["target_encode_ms"] is None
+    by_key = {(r["representation"], r["stage"]): r for r in rows}
+    # The understanding stage never touches the target: the same model FLOPs either way.
+    assert by_key["vae", "understanding"]["flops_per_step"] == by_key["clip", "understanding"]["flops_per_step"]
+    assert by_key["vae", "generation"]["flops_per_step"] > by_key["clip", "generation"]["flops_per_step"]
+    assert "variants vae+flow_matching+sequential" in variants_run["stderr"]
+
+
+def test_variants_markdown_and_clip_vae_ratio(variants_run):
+    result, md = variants_run["result"], variants_run["md"]
+    for row in result["rows"]:
+        assert re.search(rf"^\| {re.escape(row['name'])} \| {row['stage']} \| tiny \| 4 \| ", md, re.M), row["name"]
+    pairs = {p["stage"]: p for p in result["clip_vs_vae"]}
+    assert set(pairs) == {"understanding", "generation"}
+    rows = {(r["representation"], r["stage"]): r for r in result["rows"]}
+    for stage, pair in pairs.items():
+        assert pair["ratio"] == rows["clip", stage]["images_per_s"] / rows["vae", stage]["images_per_s"]
+        assert pair["reaches_target"] == (pair["ratio"] >= 3)
+        assert pair["why"]
+    assert pairs["generation"]["generation_loss"] and not pairs["understanding"]["generation_loss"]
+    assert "no generation loss" in pairs["understanding"]["why"]
+    if not pairs["generation"]["reaches_target"]:  # the table says why, from the step's breakdown
+        assert "generator" in pairs["generation"]["why"] and "% of the CLIP step" in pairs["generation"]["why"]
+    line = re.search(r"^CLIP/VAE images/s, generator tiny: (.*)$", md, re.M)
+    assert line, md
+    ratio = pairs["generation"]["ratio"]
+    verdict = "reaches" if ratio >= 3 else "below"
+    assert f"flow_matching/sequential/generation {ratio:.2f}x ({verdict} 3x)" in line.group(1)
+    assert "stages with a generation loss reach 3x" in line.group(1)
+    assert "CLIP/VAE images/s, generator tiny:" in variants_run["stdout"]  # the printed table is the same Markdown
+
+
+CHOICE_TARGETS = {"vae": ".VAERepresentation", "clip": ".CLIPRepresentation", "mse": ".MSERegression",
+                  "flow_matching": ".FlowMatching", "joint": ".joint.joint", "sequential": ".sequential.sequential"}
+
+
+def test_design_space_grid_composes_every_cell():
+    study = load_study(DESIGN_SPACE)
+    assert {group: list(choices) for group, choices in study.axes.items()} == {
+        "representation": ["vae", "clip"], "objective": ["mse", "flow_matching"], "strategy": ["joint", "sequential"],
+    }
+    cells = study.cells()
+    assert len(cells) == 8 and len({c.name for c in cells}) == 8
+    for cell in cells:
+        recipe = compose_recipe(study.recipe, [*cell.overrides, *study.throughput])
+        for group, choice in cell.choices.items():
+            assert recipe[group]._target_.endswith(CHOICE_TARGETS[choice]), (cell.name, group)
+        tokens, _ = instantiate(recipe.representation).token_shape
+        assert tokens == {"vae": 256, "clip": 64}[cell.choices["representation"]]
+    assert [c.name for c in study.cells(study.parse_select(["representation=clip", "strategy=joint"]))] == [
+        "clip+mse+joint", "clip+flow_matching+joint"]
+    with pytest.raises(ValueError, match="choices of objective are mse, flow_matching"):
+        study.parse_select(["objective=diffusion"])
+
+
+def test_variants_rows_that_cannot_be_built_fail_alone():
+    cfg = VariantsConfig.quick()
+    peaks = {"fp32": {"flops_per_s": 1e9, "matmul_n": 256, "note": "made up: nothing is timed"}}
+    bad_size = replace(cfg, sizes=("huge",), select=("representation=vae", "objective=mse", "strategy=sequential"))
+    result = run_variants(bad_size, torch.device("cpu"), peaks, progress=lambda line: None)
+    assert [(r["stage"], r["status"][:8]) for r in result["rows"]] == [("understanding", "failed: "),
+                                                                     ("generation", "failed: ")]
+    bad_key = replace(bad_size, sizes=("tiny",), extra_overrides=("generator.no_such_key=1",))
+    (row,) = run_variants(bad_key, torch.device("cpu"), peaks, progress=lambda line: None)["rows"]
+    assert row["stage"] is None and row["status"].startswith("failed: RecipeError") and "no_such_key" in row["status"]
+    markdown = variants_markdown(result, peaks)
+    assert "failed: " in markdown and "CLIP/VAE images/s, generator huge: no CLIP/VAE pair measured." in markdown
+
+
+def test_variants_select_is_checked_before_measuring():
+    from benchmarks.run import main  # noqa: PLC0415
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["variants", "--select", "objective=diffusion", "--out", "/nonexistent"])
+    assert exit_info.value.code == 2
 
 
 @pytest.mark.cuda

@@ -8,12 +8,12 @@ dropped row sees the generator's learned null condition.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 from torch.nn import functional as F
+
+from unizoo.components.objectives.guidance import guided
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 
@@ -93,16 +93,7 @@ class FlowMatching(nn.Module):
         scheduler = self.scheduler()
         scheduler.set_timesteps(steps, device=device)
         x = torch.randn((batch, *generator.token_shape), generator=rng, device="cpu").to(device, cond.dtype)
-        guided = not math.isclose(guidance, 1.0)
-        if guided:
-            # One batched forward for both branches: [conditional; unconditional].
-            cond = torch.cat([cond, generator.drop_condition(cond, torch.ones(batch, dtype=torch.bool, device=device))])
         for t in scheduler.timesteps:
             sigma = (t / self.num_train_timesteps).expand(batch).to(device)
-            if guided:
-                v_cond, v_uncond = generator(torch.cat([x, x]), torch.cat([sigma, sigma]), cond).chunk(2)
-                velocity = v_uncond + guidance * (v_cond - v_uncond)
-            else:
-                velocity = generator(x, sigma, cond)
-            x = scheduler.step(velocity, t, x).prev_sample
+            x = scheduler.step(guided(generator, x, sigma, cond, guidance), t, x).prev_sample
         return x

@@ -13,11 +13,11 @@ against flow matching, and why it is worth comparing.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from unizoo.components.objectives.guidance import guided
 
 LOSSES = ("mse", "cosine", "cosine_l1")
 INPUT_NOISES = ("zeros",)
@@ -105,11 +105,5 @@ class MSERegression(nn.Module):
         None takes the recipe's `guidance`.
         """
         guidance = self.guidance if guidance is None else guidance
-        batch, device = cond.shape[0], cond.device
-        x, t = self.inputs(batch, tuple(generator.token_shape), device, cond.dtype)
-        if math.isclose(guidance, 1.0):
-            return generator(x, t, cond)
-        # One batched forward for both branches: [conditional; unconditional].
-        null = generator.drop_condition(cond, torch.ones(batch, dtype=torch.bool, device=device))
-        pred_cond, pred_uncond = generator(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).chunk(2)
-        return pred_uncond + guidance * (pred_cond - pred_uncond)
+        x, t = self.inputs(cond.shape[0], tuple(generator.token_shape), cond.device, cond.dtype)
+        return guided(generator, x, t, cond, guidance)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 _ABSENT = object()
+STUDIES = "studies"
 
 
 class RecipeError(ValueError):
@@ -31,10 +32,13 @@ def recipes_dir() -> Path:
 
 
 def groups() -> dict[str, list[str]]:
-    """Each swappable group (a folder of `recipes/`, nested ones as `backbone/vision_encoder`) and its choices."""
+    """Each swappable group (a folder of `recipes/`, nested ones as `backbone/vision_encoder`) and its choices.
+
+    `studies/` is not a group: it holds grids of recipes (see `unizoo.study`).
+    """
     root = recipes_dir()
     found = {}
-    for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
+    for folder in sorted(p for p in root.rglob("*") if p.is_dir() and p.relative_to(root).parts[0] != STUDIES):
         choices = sorted(p.stem for p in folder.glob("*.yaml"))
         if choices:
             found[folder.relative_to(root).as_posix()] = choices

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import timm
 import torch
 from torch.nn import functional as F
 from transformers import AutoTokenizer, CLIPModel, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
+from conftest import cache_keys_in_fresh_processes
 from unizoo.components.representations.clip import CLIPRepresentation
 from unizoo.data.datamodule import ShapesDataModule
 from unizoo.pretraining.clip import (
@@ -188,19 +185,7 @@ def test_pretrained_tower_only_fits_the_normalisation(tmp_path, monkeypatch):
 
 
 def test_cache_key_is_stable_across_processes():
-    # Python randomises str hashing per process; a key built from set-ordered config
-    # (e.g. transformers' private bookkeeping) would miss the cache in every new run.
-    code = (
-        "from unizoo.components.representations.clip import CLIPRepresentation;"
-        "from unizoo.data.datamodule import ShapesDataModule;"
-        "from unizoo.pretraining.cache import content_hash;"
-        "print(content_hash(CLIPRepresentation().cache_signature(ShapesDataModule())))"
-    )
-    keys = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
-        for seed in (1, 2, 3)
-    }
+    keys = cache_keys_in_fresh_processes("clip.CLIPRepresentation")
     assert len(keys) == 1 and len(keys.pop()) == 16
 
 

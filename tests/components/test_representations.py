@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import cache_keys_in_fresh_processes
 from unizoo.components.representations.vae import VAERepresentation, patchify, unpatchify
 from unizoo.data.datamodule import ShapesDataModule
 
@@ -85,21 +86,5 @@ def test_missing_pretrained_directory_says_how_to_make_one(tmp_path):
 
 
 def test_cache_key_is_stable_across_processes():
-    # Python randomises str hashing per process; a key built from set-ordered config
-    # would miss the cache in every new run.
-    import os
-    import subprocess
-    import sys
-
-    code = (
-        "from unizoo.components.representations.vae import VAERepresentation;"
-        "from unizoo.data.datamodule import ShapesDataModule;"
-        "from unizoo.pretraining.cache import content_hash;"
-        "print(content_hash(VAERepresentation().cache_signature(ShapesDataModule())))"
-    )
-    keys = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
-        for seed in (1, 2, 3)
-    }
+    keys = cache_keys_in_fresh_processes("vae.VAERepresentation")
     assert len(keys) == 1 and len(keys.pop()) == 16
