@@ -187,6 +187,7 @@ class DiT(nn.Module):
         hidden_size, depth, num_heads, mlp_ratio: transformer size (see ``DIT_SIZES``).
         attention_backend: one of ``attention.BACKENDS``, used by every block.
         gradient_checkpointing: recompute each block in backward to save activations.
+        aligned_condition: also add condition token i to token i (needs Q == N; image-feature decoders).
     """
 
     def __init__(
@@ -200,6 +201,7 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         attention_backend: str = "auto",
         gradient_checkpointing: bool = False,
+        aligned_condition: bool = False,
     ):
         super().__init__()
         if hidden_size % num_heads:
@@ -207,6 +209,10 @@ class DiT(nn.Module):
         self.token_dim, self.num_tokens, self.condition_dim = token_dim, num_tokens, condition_dim
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
         self.gradient_checkpointing = gradient_checkpointing
+        # A condition laid out on the same grid as the tokens (a decoder's image features)
+        # is also added token by token to the input: cross-attention alone has to
+        # rediscover which condition token sits where.
+        self.aligned_condition = aligned_condition
 
         self.x_embedder = nn.Linear(token_dim, hidden_size)
         # Fixed, not learned (as DiT); rebuilt from N at construction, so not saved.
@@ -282,6 +288,10 @@ class DiT(nn.Module):
             )
         x = self.x_embedder(x) + self.pos_embed
         cond = self.cond_embedder(cond)
+        if self.aligned_condition:
+            if cond.shape[1] != self.num_tokens:
+                raise ValueError(f"aligned_condition needs one condition token per token: {cond.shape[1]} != {self.num_tokens}")
+            x = x + cond
         c = self.t_embedder(t) + self.pooled_embedder(_masked_mean(cond, cond_mask))
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -201,3 +201,12 @@ def test_short_contrastive_pretraining_retrieves_captions_above_chance():
     # is 0.7%, always answering the most frequent caption scores 3%; this reaches ~13%.
     assert scores["chance"] < 0.02 and scores["majority"] < 0.05
     assert scores["accuracy"] > max(10 * scores["chance"], 2 * scores["majority"], 2 * untrained["accuracy"])
+
+
+@pytest.mark.parametrize(("pool_to", "aligned"), [(None, True), (16, False)])
+def test_pixel_decoder_aligns_features_only_on_the_latent_grid(pool_to, aligned):
+    # 32 px: CLIP's 8x8 patch grid sits on the VAE's 8x8 latent grid; pooled features do not.
+    rep = CLIPRepresentation(pool_to=pool_to, decoder={"vae": {"autoencoder": {"block_out_channels": [16, 16, 16]}}})
+    assert rep.decoder.generator.aligned_condition is aligned
+    images = rep.decode(rep.encode(torch.rand(2, 3, 32, 32) * 2 - 1))
+    assert images.shape == (2, 3, 32, 32)

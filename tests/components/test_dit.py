@@ -174,3 +174,17 @@ def test_gradient_checkpointing_matches():
 def test_is_a_module_built_from_keywords():
     # Recipes instantiate `unizoo.components.generators.dit.dit` with keywords only.
     assert isinstance(dit(token_dim=4, num_tokens=4, condition_dim=8), DiT)
+
+
+def test_aligned_condition_gives_condition_tokens_a_place():
+    # Cross-attention and the pooled summary ignore the order of condition tokens;
+    # an aligned condition adds token i to token i, so its order matters.
+    for aligned, order_matters in ((False, False), (True, True)):
+        model = _randomise(_small(num_tokens=16, condition_dim=8, aligned_condition=aligned))
+        x, t = torch.randn(2, 16, 4), torch.rand(2)
+        cond = torch.randn(2, 16, 8)
+        flipped = cond.flip(1)
+        changed = (model(x, t, cond) - model(x, t, flipped)).abs().max().item() > 1e-4
+        assert changed == order_matters
+    with pytest.raises(ValueError, match="one condition token per token"):
+        _small(num_tokens=16, condition_dim=8, aligned_condition=True)(x, t, torch.randn(2, 5, 8))
