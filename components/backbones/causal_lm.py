@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from unizoo.weights import local_weights
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,15 @@ LM_SIZES: dict[str, dict[str, Any]] = {
 
 def load_causal_lm(pretrained: str | os.PathLike, attn_implementation: str = "sdpa") -> nn.Module:
     """`AutoModelForCausalLM.from_pretrained` on a local directory, with a useful error when it is missing."""
-    path = Path(pretrained).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"backbone.pretrained={str(pretrained)!r} is not a directory. Point it at a local directory holding a "
-            "transformers causal LM (config.json + weights), e.g. one written by `model.save_pretrained(DIR)` or "
-            "`huggingface-cli download Qwen/Qwen2.5-0.5B --local-dir DIR` on a machine with network access; "
-            "or set backbone.pretrained=null and backbone.size=tiny to build one from scratch."
-        )
+    path = local_weights(
+        pretrained,
+        "backbone.pretrained",
+        "a local directory holding a transformers causal LM (config.json + weights), e.g. one written by "
+        "`model.save_pretrained(DIR)` or `huggingface-cli download Qwen/Qwen2.5-0.5B --local-dir DIR` on a machine "
+        "with network access",
+        "set backbone.pretrained=null and backbone.size=tiny to build one from scratch",
+        directory=True,
+    )
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
 
 

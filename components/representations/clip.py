@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModel, CLIPModel, CLIPVisionModel
 from unizoo.components.representations.pixel_decoder import PixelDecoder
 from unizoo.data.signature import data_signature
 from unizoo.pretraining.cache import cached_directory
+from unizoo.weights import local_weights
 from unizoo.pretraining.clip import CLIP_MEAN, CLIP_STD, clip_tokenizer, preprocess, save_clip, tiny_clip_config, train_clip
 
 log = logging.getLogger(__name__)
@@ -52,14 +53,12 @@ def _public(config: Any) -> Any:
 
 
 def _local_path(pretrained: str, what: str) -> Path:
-    path = Path(pretrained).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"representation.pretrained={str(pretrained)!r} does not exist. Point it at {what}, "
-            "or set representation.pretrained=null (with tower=transformers) to let unizoo pretrain a tiny CLIP "
-            "on the recipe's data."
-        )
-    return path
+    return local_weights(
+        pretrained,
+        "representation.pretrained",
+        what,
+        "set representation.pretrained=null (with tower=transformers) to let unizoo pretrain a tiny CLIP on the recipe's data",
+    )
 
 
 class CLIPRepresentation(nn.Module):

@@ -20,6 +20,7 @@ from torch import nn
 from unizoo.data.signature import data_signature
 from unizoo.pretraining.autoencoder import fit_latent_normalisation, train_autoencoder
 from unizoo.pretraining.cache import cached_directory
+from unizoo.weights import local_weights
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,14 @@ class VAERepresentation(nn.Module):
     ) -> None:
         super().__init__()
         if pretrained is not None:
-            path = Path(pretrained).expanduser()
-            if not path.is_dir():
-                raise FileNotFoundError(
-                    f"representation.pretrained={str(pretrained)!r} is not a directory. Point it at a local diffusers "
-                    "AutoencoderKL directory (config.json + weights, e.g. written by `vae.save_pretrained(DIR)` or the "
-                    "`vae/` folder of a Stable Diffusion checkpoint), or set representation.pretrained=null to let "
-                    "unizoo pretrain a tiny VAE on the recipe's data."
-                )
+            path = local_weights(
+                pretrained,
+                "representation.pretrained",
+                "a local diffusers AutoencoderKL directory (config.json + weights, e.g. written by "
+                "`vae.save_pretrained(DIR)` or the `vae/` folder of a Stable Diffusion checkpoint)",
+                "set representation.pretrained=null to let unizoo pretrain a tiny VAE on the recipe's data",
+                directory=True,
+            )
             self.vae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)
         else:
             self.vae = AutoencoderKL(**{**TINY_AUTOENCODER, **(autoencoder or {}), "sample_size": image_size})
