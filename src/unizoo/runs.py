@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from unizoo.build import build_model
@@ -55,8 +56,6 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
 def final_checkpoint(run_dir: Path) -> Path:
     """The checkpoint of the last stage that finished, by the recipe's stage order."""
     recipe = OmegaConf.load(run_dir / RECIPE_FILE)
-    from hydra.utils import instantiate
-
     stages = [stage.name for stage in instantiate(recipe.strategy).stages]
     for stage in reversed(stages):
         if stage_checkpoint(run_dir, stage).is_file():
