@@ -56,5 +56,8 @@ def test_sample_command_writes_pngs(tiny_run, tmp_path, capsys):
 def test_second_run_reuses_the_cached_vae(tiny_run, tiny_overrides, caplog):
     # tiny_run trained and cached the VAE for exactly these data + VAE settings.
     with caplog.at_level(logging.INFO, logger="unizoo"):
-        train(compose_recipe("default", [*tiny_overrides, "strategy.steps=1"]))
+        second = train(compose_recipe("default", [*tiny_overrides, "strategy.steps=1"]))
     assert "reusing the cached VAE" in caplog.text
+    # Each run logs into its own train.log only.
+    assert str(second) in (second / "train.log").read_text()
+    assert str(second) not in (tiny_run / "train.log").read_text()

@@ -38,55 +38,60 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
     run_dir = Path(run_dir) if run_dir else new_run_dir(recipe.run_root, recipe.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(recipe, run_dir / RECIPE_FILE, resolve=True)
-    _log_to_file(run_dir / "train.log")
-    log.info("run directory: %s", run_dir)
+    handler = _log_to_file(run_dir / "train.log")
+    try:
+        log.info("run directory: %s", run_dir)
 
-    model.prepare(datamodule)
-    datamodule.setup("validate")
-    if recipe.init_checkpoint:
-        _load_weights(model, recipe.init_checkpoint)
-    model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
-    log.info("strategy %s: %s", strategy.name, ", ".join(f"{s.name} ({s.steps} steps)" for s in stages))
+        model.prepare(datamodule)
+        datamodule.setup("validate")
+        if recipe.init_checkpoint:
+            _load_weights(model, recipe.init_checkpoint)
+        model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
+        log.info("strategy %s: %s", strategy.name, ", ".join(f"{s.name} ({s.steps} steps)" for s in stages))
 
-    evaluate = _evaluations(recipe, datamodule, model, run_dir)
-    start = "untrained" if not recipe.init_checkpoint else "start"
-    metrics = {"recipe": recipe.name, "run_dir": str(run_dir)}
-    # The ceiling any generator of this representation can reach: frozen, so measured once.
-    images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
-    metrics["representation"] = RoundTripEvaluation(images, captions, instantiate(recipe.evaluator))(model.representation, run_dir / "round_trip.png")
-    metrics[start] = evaluate(start)
-    write_metrics(run_dir, metrics)
+        evaluate = _evaluations(recipe, datamodule, model, run_dir)
+        start = "untrained" if not recipe.init_checkpoint else "start"
+        metrics = {"recipe": recipe.name, "run_dir": str(run_dir)}
+        # The ceiling any generator of this representation can reach: frozen, so measured once.
+        images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
+        metrics["representation"] = RoundTripEvaluation(images, captions, instantiate(recipe.evaluator))(model.representation, run_dir / "round_trip.png")
+        metrics[start] = evaluate(start)
+        write_metrics(run_dir, metrics)
 
-    for stage in stages:
-        model.set_stage(stage)
-        stage_started = time.perf_counter()
-        trainer = instantiate(
-            recipe.trainer,
-            max_steps=stage.steps,
-            default_root_dir=str(run_dir),
-            logger=CSVLogger(str(run_dir), name="logs", version=stage.name),
-            callbacks=[
-                # Periodic, so a crash leaves the last good checkpoint of the stage.
-                ModelCheckpoint(
-                    dirpath=str(run_dir / "checkpoints" / stage.name),
-                    filename="step{step}",
-                    auto_insert_metric_name=False,
-                    every_n_train_steps=max(1, min(500, stage.steps)),
-                    save_last=True,
-                )
-            ],
-        )
-        trainer.fit(model, datamodule=datamodule)
-        trainer.save_checkpoint(stage_checkpoint(run_dir, stage.name))
-        if trainer.is_global_zero:
-            metrics[stage.name] = evaluate(stage.name)
-            metrics.setdefault("seconds", {})[stage.name] = round(time.perf_counter() - stage_started, 1)
-            write_metrics(run_dir, metrics)
+        for stage in stages:
+            model.set_stage(stage)
+            stage_started = time.perf_counter()
+            trainer = instantiate(
+                recipe.trainer,
+                max_steps=stage.steps,
+                default_root_dir=str(run_dir),
+                logger=CSVLogger(str(run_dir), name="logs", version=stage.name),
+                callbacks=[
+                    # Periodic, so a crash leaves the last good checkpoint of the stage.
+                    ModelCheckpoint(
+                        dirpath=str(run_dir / "checkpoints" / stage.name),
+                        filename="step{step}",
+                        auto_insert_metric_name=False,
+                        every_n_train_steps=max(1, min(500, stage.steps)),
+                        save_last=True,
+                    )
+                ],
+            )
+            trainer.fit(model, datamodule=datamodule)
+            trainer.save_checkpoint(stage_checkpoint(run_dir, stage.name))
+            if trainer.is_global_zero:
+                metrics[stage.name] = evaluate(stage.name)
+                metrics.setdefault("seconds", {})[stage.name] = round(time.perf_counter() - stage_started, 1)
+                write_metrics(run_dir, metrics)
 
-    metrics["seconds_total"] = round(time.perf_counter() - started, 1)
-    write_metrics(run_dir, metrics)
-    log.info("done in %.0f s: %s", metrics["seconds_total"], run_dir)
-    return run_dir
+        metrics["seconds_total"] = round(time.perf_counter() - started, 1)
+        write_metrics(run_dir, metrics)
+        log.info("done in %.0f s: %s", metrics["seconds_total"], run_dir)
+        return run_dir
+    finally:
+        # Runs in one process (tests, a study runner) must not log into each other's files.
+        logging.getLogger("unizoo").removeHandler(handler)
+        handler.close()
 
 
 def _stages_to_run(strategy, start_stage: str | None, init_checkpoint: str | None) -> list:
@@ -135,7 +140,8 @@ def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: P
     return evaluate
 
 
-def _log_to_file(path: Path) -> None:
+def _log_to_file(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("unizoo").addHandler(handler)
+    return handler
