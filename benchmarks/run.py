@@ -115,27 +115,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         _progress(f"peak {name}: {rate} ({peak_n}x{peak_n} matmul)")
 
     tables = []
-    if args.benchmark in ("attention", "all"):
-        result = run_attention(attention_cfg, device, peaks, progress=_progress)
-        *paths, markdown = write_results("attention", result, env, peaks, args.out, args.quick)
+
+    def report(name: str, result: dict) -> None:
+        *paths, markdown = write_results(name, result, env, peaks, args.out, args.quick)
         tables.append(markdown)
         _progress("wrote " + ", ".join(map(str, paths)))
+
+    if args.benchmark in ("attention", "all"):
+        report("attention", run_attention(attention_cfg, device, peaks, progress=_progress))
     if args.benchmark in ("peer", "all"):
         result = run_peer(peer_cfg, device, peaks, progress=_progress)
         for check in result["loss_checks"]:
             _progress(f"loss check {check['variant']}: max rel diff {check['max_rel_diff']:.2e} "
                       f"(tolerance {check['tolerance_rel']:.0e}) {'pass' if check['passed'] else 'FAIL'}")
-        *paths, markdown = write_results("peer_dit", result, env, peaks, args.out, args.quick)
-        tables.append(markdown)
-        _progress("wrote " + ", ".join(map(str, paths)))
+        report("peer_dit", result)
     if args.benchmark in ("variants", "all"):
         result = run_variants(variants_cfg, device, peaks, progress=_progress)
         for pair in result["clip_vs_vae"]:
             _progress(f"CLIP/VAE {pair['size']} {pair['clip']} {pair['stage']}: {pair['ratio']:.2f}x images/s "
                       f"({'reaches' if pair['reaches_target'] else 'below'} {result['target_ratio']:g}x)")
-        *paths, markdown = write_results("variants", result, env, peaks, args.out, args.quick)
-        tables.append(markdown)
-        _progress("wrote " + ", ".join(map(str, paths)))
+        report("variants", result)
     print("\n\n".join(tables))
     return 0
 
