@@ -79,7 +79,7 @@ class VAERepresentation(nn.Module):
         self.vae.requires_grad_(False).eval()
         self.image_size, self.patch_size = image_size, patch_size
         self.pretrained = pretrained
-        self.pretraining = {"steps": 600, "lr": 1e-3, "kl_weight": 1e-6, **(pretraining or {})}
+        self.pretraining = {"steps": 500, "lr": 2e-3, "kl_weight": 1e-6, **(pretraining or {})}
         # Buffers, so a run's checkpoint carries the normalisation with the weights.
         config = self.vae.config
         self.register_buffer("latent_shift", torch.tensor(float(config.shift_factor or 0.0)))
