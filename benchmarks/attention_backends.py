@@ -23,7 +23,7 @@ from unizoo.components.generators.attention import attention
 
 from .measure import DTYPES, PeakMemory, mfu, time_call
 
-BACKENDS = ("math", "sdpa", "xformers")
+BACKENDS = ("math", "sdpa", "gemm", "xformers")
 DEFAULT_SEQ_LENS = tuple(2**p for p in range(6, 13))  # 64 .. 4096
 
 
@@ -33,14 +33,14 @@ class AttentionConfig:
     batch: int = 4
     heads: int = 6
     head_dim: int = 64
-    precision: str = "fp32"
+    precisions: tuple[str, ...] = ("fp32",)
     backends: tuple[str, ...] = BACKENDS
     warmup: int = 2
     repeats: int = 5
 
     @classmethod
-    def quick(cls, precision: str = "fp32") -> AttentionConfig:
-        return cls(seq_lens=(64, 128), batch=1, heads=2, head_dim=16, precision=precision, warmup=1, repeats=2)
+    def quick(cls, precisions: tuple[str, ...] = ("fp32",)) -> AttentionConfig:
+        return cls(seq_lens=(64, 128), batch=1, heads=2, head_dim=16, precisions=precisions, warmup=1, repeats=2)
 
 
 def attention_flops(batch: int, seq_len: int, heads: int, head_dim: int) -> int:
@@ -65,14 +65,15 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or "not enough memory" in message
 
 
-def measure_one(backend: str, seq_len: int, cfg: AttentionConfig, device: torch.device, peaks: dict) -> dict:
-    """One row: time/memory/FLOP rate of forward+backward at ``seq_len`` (see module doc)."""
+def measure_one(backend: str, seq_len: int, precision: str, cfg: AttentionConfig, device: torch.device,
+                peaks: dict) -> dict:
+    """One row: time/memory/FLOP rate of forward+backward at ``seq_len`` in ``precision`` (see module doc)."""
     row = {"backend": backend, "seq_len": seq_len, "batch": cfg.batch, "heads": cfg.heads,
-           "head_dim": cfg.head_dim, "precision": cfg.precision, "status": "ok"}
+           "head_dim": cfg.head_dim, "precision": precision, "status": "ok"}
     reason = unavailable_reason(backend, device)
     if reason:
         return {**row, "status": f"skipped: {reason}"}
-    dtype = DTYPES[cfg.precision]
+    dtype = DTYPES[precision]
     generator = torch.Generator(device="cpu").manual_seed(seq_len)
     shape = (cfg.batch, seq_len, cfg.heads, cfg.head_dim)
     q, k, v = (
@@ -97,7 +98,7 @@ def measure_one(backend: str, seq_len: int, cfg: AttentionConfig, device: torch.
         return {**row, "status": "failed: out of memory"}
     flops = attention_flops(cfg.batch, seq_len, cfg.heads, cfg.head_dim)
     seconds = timing.median_s
-    peak = peaks.get(cfg.precision, {}).get("flops_per_s")
+    peak = peaks.get(precision, {}).get("flops_per_s")
     return {
         **row,
         "time_ms": seconds * 1e3,
@@ -111,15 +112,17 @@ def measure_one(backend: str, seq_len: int, cfg: AttentionConfig, device: torch.
 
 
 def run_attention(cfg: AttentionConfig, device: torch.device, peaks: dict, progress=print) -> dict:
-    """All rows (lengths outer, backends inner) plus the configuration used."""
+    """All rows (precisions, then lengths, then backends) plus the configuration used."""
     rows = []
-    for seq_len in cfg.seq_lens:
-        for backend in cfg.backends:
-            row = measure_one(backend, seq_len, cfg, device, peaks)
-            rows.append(row)
-            if row["status"] == "ok":
-                progress(f"attention {backend:>8} L={seq_len:<5} {row['time_ms']:9.2f} ms  "
-                         f"{row['peak_mem_mb']:8.1f} MiB  {row['tflops_per_s']:.3f} TFLOP/s")
-            else:
-                progress(f"attention {backend:>8} L={seq_len:<5} {row['status']}")
+    for precision in cfg.precisions:
+        for seq_len in cfg.seq_lens:
+            for backend in cfg.backends:
+                row = measure_one(backend, seq_len, precision, cfg, device, peaks)
+                rows.append(row)
+                label = f"attention {precision} {backend:>8} L={seq_len:<5}"
+                if row["status"] == "ok":
+                    progress(f"{label} {row['time_ms']:9.2f} ms  {row['peak_mem_mb']:8.1f} MiB  "
+                             f"{row['tflops_per_s']:.3f} TFLOP/s")
+                else:
+                    progress(f"{label} {row['status']}")
     return {"config": asdict(cfg), "rows": rows}

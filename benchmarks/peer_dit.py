@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from unizoo.components.generators.attention import auto_backend
+
 from .attention_backends import unavailable_reason
 from .measure import PeakMemory, Timing, count_flops, mfu, time_call
 from .peer_models import (
@@ -59,6 +61,7 @@ VARIANTS = (
     Variant("diffusers bf16", "diffusers", "bf16"),
     Variant("unizoo fp32", "unizoo"),
     Variant("unizoo bf16", "unizoo", "bf16"),
+    Variant("unizoo bf16 sdpa", "unizoo", "bf16", attention="sdpa"),
     Variant("unizoo compile", "unizoo", compile=True),
     Variant("unizoo fused-adamw", "unizoo", fused_adamw=True),
     Variant("unizoo checkpointing", "unizoo", checkpointing=True),
@@ -91,7 +94,7 @@ def _skip_reason(variant: Variant, device: torch.device) -> str | None:
     return None
 
 
-def _switch_names(variant: Variant, cfg: PeerConfig) -> str:
+def _switch_names(variant: Variant, cfg: PeerConfig, device: torch.device) -> str:
     names = ["bf16 autocast" if variant.precision == "bf16" else "fp32"]
     if variant.compile:
         names.append(f"torch.compile({cfg.compile_backend})")
@@ -100,7 +103,11 @@ def _switch_names(variant: Variant, cfg: PeerConfig) -> str:
     if variant.checkpointing:
         names.append("activation checkpointing")
     if variant.model == "unizoo":
-        names.append(f"attention={variant.attention or cfg.attention}")
+        backend = variant.attention or cfg.attention
+        if backend == "auto":  # name the kernel it ran
+            dtype = torch.bfloat16 if variant.precision == "bf16" else torch.float32
+            backend = f"auto -> {auto_backend(device, dtype, cfg.num_tokens, cfg.num_tokens)[0]}"
+        names.append(f"attention={backend}")
     return ", ".join(names)
 
 
@@ -157,7 +164,7 @@ def count_step_flops(model_name: str, cfg: PeerConfig, batch) -> int:
 def measure_variant(variant, cfg, device, init_state, batches, flops, params, peaks) -> dict:
     row = {"name": variant.name, "model": variant.model, "params": params,
            "precision": variant.precision,
-           "switches": _switch_names(variant, cfg), "status": "ok"}
+           "switches": _switch_names(variant, cfg, device), "status": "ok"}
     reason = _skip_reason(variant, device)
     if reason:
         return {**row, "status": f"skipped: {reason}"}

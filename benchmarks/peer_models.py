@@ -42,7 +42,8 @@ class PeerConfig:
     batch: int = 8
     num_classes: int = 1000
     lr: float = 1e-4
-    attention: str = "sdpa"  # unizoo's backend: the kernel diffusers' AttnProcessor2_0 uses
+    attention: str = "auto"  # unizoo's backend, as a recipe's default: sdpa in fp32 (the kernel diffusers'
+                             # AttnProcessor2_0 uses), gemm under bf16 on the CPU (attention.auto_backend)
     warmup: int = 3
     repeats: int = 10
     loss_steps: int = 20

@@ -116,19 +116,24 @@ def peaks_markdown(peaks: dict) -> str:
 
 def attention_markdown(result: dict, peaks: dict) -> str:
     cfg = result["config"]
-    rows = []
-    for r in result["rows"]:
-        rows.append([
-            r["backend"], str(r["seq_len"]),
-            _fmt(r.get("time_ms")), _fmt(r.get("sequences_per_s"), 1),
-            _fmt(r.get("tflops_per_s"), 3), _fmt(r.get("fraction_of_peak"), percent=True),
-            _fmt(r.get("peak_mem_mb"), 1), r["status"],
-        ])
-    title = (f"### Attention forward+backward ({cfg['precision']}, batch {cfg['batch']}, "
-             f"{cfg['heads']} heads x {cfg['head_dim']})")
-    header = ["backend", "seq len", "time (ms)", "sequences/s", "TFLOP/s",
-              f"fraction of {cfg['precision']} peak", "extra memory (MiB)", "status"]
-    return "\n\n".join([title, _table(header, rows), peaks_markdown(peaks)])
+    sections = []
+    for precision in cfg["precisions"]:
+        rows = []
+        for r in result["rows"]:
+            if r["precision"] != precision:
+                continue
+            rows.append([
+                r["backend"], str(r["seq_len"]),
+                _fmt(r.get("time_ms")), _fmt(r.get("sequences_per_s"), 1),
+                _fmt(r.get("tflops_per_s"), 3), _fmt(r.get("fraction_of_peak"), percent=True),
+                _fmt(r.get("peak_mem_mb"), 1), r["status"],
+            ])
+        title = (f"### Attention forward+backward ({precision}, batch {cfg['batch']}, "
+                 f"{cfg['heads']} heads x {cfg['head_dim']})")
+        header = ["backend", "seq len", "time (ms)", "sequences/s", "TFLOP/s",
+                  f"fraction of {precision} peak", "extra memory (MiB)", "status"]
+        sections += [title, _table(header, rows)]
+    return "\n\n".join([*sections, peaks_markdown(peaks)])
 
 
 def peer_markdown(result: dict, peaks: dict) -> str:
@@ -157,7 +162,8 @@ def peer_markdown(result: dict, peaks: dict) -> str:
         f"Model FLOPs per step (forward + backward): unizoo {result['flops_per_step']['unizoo'] / 1e9:.4g} G, "
         f"diffusers {result['flops_per_step']['diffusers'] / 1e9:.4g} G. Not the same model: diffusers' DiT is "
         "class-conditional (class_labels + integer timestep into adaLN-Zero); unizoo's DiT takes a condition "
-        "sequence, here one (B, 1, width) token, read by cross-attention in every block.",
+        "sequence, here one (B, 1, width) token, read by cross-attention in every block (over a single key "
+        "that is exactly a per-sample linear map, which is how unizoo computes it).",
         f"{cfg['steps']} steps per variant from the same init on the same data; the first {cfg['warmup']} "
         f"untimed, median of {cfg['timed_steps']} timed. Loss check: every step's loss within a relative "
         f"tolerance ({tolerances}) of the same family's fp32 eager loss (unizoo's zero-initialised "

@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--attn-batch", type=int, default=None, help="batch (default 4)")
     group.add_argument("--heads", type=int, default=None, help="heads (default 6)")
     group.add_argument("--head-dim", type=int, default=None, help="head dim (default 64)")
-    group.add_argument("--attn-precision", choices=("fp32", "bf16", "fp16"), default=None,
-                       help="q/k/v dtype (default fp32 on CPU, bf16 on CUDA)")
+    group.add_argument("--attn-precision", choices=("fp32", "bf16", "fp16"), nargs="+", default=None,
+                       help="q/k/v dtypes (default fp32 and bf16 on CPU, bf16 on CUDA)")
     group = parser.add_argument_group("peer (unizoo DiT vs diffusers DiT)")
     group.add_argument("--batch", type=int, default=None,
                        help="images per training step, peer and variants (default 8; --quick: 2 peer, 4 variants)")
@@ -79,9 +79,9 @@ def _variants_config(args, parser: argparse.ArgumentParser) -> VariantsConfig:
 
 
 def _configs(args, device: torch.device) -> tuple[AttentionConfig, PeerConfig, int, int]:
-    default_precision = "bf16" if device.type == "cuda" else "fp32"
-    precision = args.attn_precision or default_precision
-    attention = AttentionConfig.quick(precision) if args.quick else AttentionConfig(precision=precision)
+    # bf16 is the working precision on GPUs; on a CPU with AMX it is a real lever too.
+    precisions = tuple(args.attn_precision or (("bf16",) if device.type == "cuda" else ("fp32", "bf16")))
+    attention = AttentionConfig.quick(precisions) if args.quick else AttentionConfig(precisions=precisions)
     peer = PeerConfig.quick() if args.quick else PeerConfig()
     overrides = {
         "seq_lens": tuple(args.seq_lens) if args.seq_lens else None, "batch": args.attn_batch,

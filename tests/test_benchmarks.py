@@ -82,8 +82,9 @@ def test_results_land_in_a_machine_folder(quick_run):
 
 def test_attention_rows(quick_run):
     result = quick_run["attention"]
-    expected = {(b, n) for b in ("math", "sdpa", "xformers") for n in AttentionConfig.quick().seq_lens}
-    assert {(r["backend"], r["seq_len"]) for r in result["rows"]} == expected
+    expected = {(b, n, p) for b in ("math", "sdpa", "gemm", "xformers") for n in AttentionConfig.quick().seq_lens
+                for p in ("fp32", "bf16")}  # both precisions by default on the CPU
+    assert {(r["backend"], r["seq_len"], r["precision"]) for r in result["rows"]} == expected
     for row in result["rows"]:
         if row["backend"] == "xformers":
             continue
@@ -97,7 +98,7 @@ def test_attention_rows(quick_run):
 def test_xformers_rows_are_skipped_on_cpu(quick_run):
     xformers = [r for r in quick_run["attention"]["rows"] if r["backend"] == "xformers"]
     xformers += [r for r in quick_run["peer"]["rows"] if "xformers" in r["name"]]
-    assert len(xformers) == len(AttentionConfig.quick().seq_lens) + 1
+    assert len(xformers) == 2 * len(AttentionConfig.quick().seq_lens) + 1
     for row in xformers:
         assert row["status"].startswith("skipped: ") and "CUDA" in row["status"], row
     assert "skipped: " in quick_run["attention_md"] and "skipped: " in quick_run["peer_md"]

@@ -42,18 +42,35 @@ def _reset_log_once():
     attn_mod._logged_choices.clear()
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "gemm"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_sdpa_matches_math(shape, masked):
+def test_backend_matches_math(backend, shape, masked):
     q, k, v = _qkv(*shape)
     mask = _mask(shape[0], shape[2]) if masked else None
     ref = attention(q, k, v, mask, backend="math")
-    out = attention(q, k, v, mask, backend="sdpa")
+    out = attention(q, k, v, mask, backend=backend)
     assert out.shape == q.shape
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gemm_in_bf16_matches_math_forward_and_backward(masked):
+    # gemm keeps bf16 end to end; its error must stay at bf16 rounding, gradients included.
+    shape = (2, 64, 64, 3, 32)
+    mask = _mask(shape[0], shape[2]) if masked else None
+    runs = {}
+    for backend in ("math", "gemm"):
+        q, k, v = (t.requires_grad_() for t in _qkv(*shape, dtype=torch.bfloat16))
+        out = attention(q, k, v, mask, backend=backend)
+        out.float().square().sum().backward()
+        assert out.dtype == torch.bfloat16
+        runs[backend] = [out, q.grad, k.grad, v.grad]
+    for got, want in zip(runs["gemm"], runs["math"]):
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa", "gemm"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_layout_matches_einsum_reference(backend, masked):
     B, Mq, Mk, H, K = 2, 5, 9, 3, 8
@@ -78,7 +95,7 @@ def test_value_dim_may_differ_from_key_dim():
     torch.testing.assert_close(attention(q, k, v, backend="sdpa"), out, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("backend", ["math", "sdpa", "gemm"])
 def test_masked_keys_have_no_influence(backend):
     B, Mq, Mk, H, K = 3, 6, 11, 2, 8
     q, k, v = _qkv(B, Mq, Mk, H, K, seed=2)
@@ -90,7 +107,7 @@ def test_masked_keys_have_no_influence(backend):
     torch.testing.assert_close(attention(q, k2, v2, mask, backend=backend), out, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("backend", ["math", "sdpa", "gemm"])
 def test_fully_masked_row_is_zero_not_nan(backend):
     q, k, v = _qkv(2, 4, 6, 2, 8, seed=3)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -170,6 +187,18 @@ def test_auto_picks_sdpa_on_cpu_and_logs_once(monkeypatch, caplog):
     records = [r for r in caplog.records if r.name == "unizoo.attention"]
     assert len(records) == 1
     assert records[0].getMessage().startswith("attention backend: auto -> sdpa (")
+
+
+def test_auto_picks_gemm_for_bf16_on_cpu_up_to_a_size(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="unizoo.attention")
+    called = []
+    kernels = {name: (lambda name: lambda q, *a: called.append(name) or q)(name) for name in attn_mod._KERNELS}
+    monkeypatch.setattr(attn_mod, "_KERNELS", kernels)
+    monkeypatch.setattr(attn_mod, "GEMM_MAX_SCORES", 64 * 64)
+    for dtype, M in ((torch.bfloat16, 64), (torch.float32, 64), (torch.bfloat16, 65)):
+        attention(*_qkv(1, M, M, 1, 8, dtype=dtype), backend="auto")
+    assert called == ["gemm", "sdpa", "sdpa"]
+    assert "auto -> gemm (" in caplog.text
 
 
 def test_explicit_xformers_on_cpu_raises(monkeypatch):

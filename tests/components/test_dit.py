@@ -188,3 +188,31 @@ def test_aligned_condition_gives_condition_tokens_a_place():
         assert changed == order_matters
     with pytest.raises(ValueError, match="one condition token per token"):
         _small(num_tokens=16, condition_dim=8, aligned_condition=True)(x, t, torch.randn(2, 5, 8))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_single_token_condition_shortcut_matches_full_attention(masked):
+    # A one-token condition skips the attention (softmax over one key is 1); the
+    # output and every gradient but the unused query projection's must not change.
+    model = _randomise(_small(attention_backend="math"))
+    x, t, cond, _ = _inputs(model, Q=1)
+    mask = torch.tensor([[True], [False], [True]]) if masked else None
+
+    def run(cond, mask):
+        model.zero_grad()
+        out = model(x, t, cond, mask)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out_short, grads_short = run(cond, mask)
+    # Two copies of the token are the same condition, but take the general attention path.
+    out_full, grads_full = run(cond.expand(-1, 2, -1), None if mask is None else mask.expand(-1, 2))
+    assert out_short.abs().mean() > 1e-2
+    torch.testing.assert_close(out_short, out_full, atol=1e-5, rtol=1e-5)
+    # The query side (its pre-norm and projection) cannot change the output: the full
+    # path gives it zero gradient, the shortcut none at all.
+    unused = {n for n in grads_full if ".cross_attn.q." in n or ".norm_cross." in n}
+    assert unused and set(grads_short) == set(grads_full) - unused
+    assert all(grads_full[name].abs().max() < 1e-6 for name in unused)
+    for name, grad in grads_short.items():
+        torch.testing.assert_close(grad, grads_full[name], atol=1e-5, rtol=1e-4, msg=name)
