@@ -33,8 +33,16 @@ DIT_SIZES = {
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: ``x (B, N, C)`` scaled and shifted per sample by ``(B, C)`` vectors."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN: ``x (B, N, C)`` scaled and shifted per sample by ``(B, C)`` vectors.
+
+    One fused ``shift + x * (1 + scale)`` pass over the activations instead of two.
+    """
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """adaLN-Zero residual ``x + gate * branch`` for a per-sample ``gate (B, C)``, as one fused op."""
+    return torch.addcmul(x, gate.unsqueeze(1), branch)
 
 
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -175,11 +183,11 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.adaLN_modulation(c).chunk(6, dim=1)
         )
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         # With a one-token condition the cross-attention output does not depend on x at
         # all (see CrossAttention._single_token), so its pre-norm is skipped too.
         x = x + self.cross_attn(x if cond.shape[1] == 1 else self.norm_cross(x), cond, cond_mask)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x
 
 

@@ -216,3 +216,13 @@ def test_single_token_condition_shortcut_matches_full_attention(masked):
     assert all(grads_full[name].abs().max() < 1e-6 for name in unused)
     for name, grad in grads_short.items():
         torch.testing.assert_close(grad, grads_full[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_adaln_ops_match_their_formulas():
+    from unizoo.components.generators.dit import gated_residual, modulate
+
+    g = torch.Generator().manual_seed(0)
+    x, branch = torch.randn(2, 2, 5, 8, generator=g)
+    shift, scale, gate = torch.randn(3, 2, 8, generator=g)
+    torch.testing.assert_close(modulate(x, shift, scale), x * (1 + scale[:, None]) + shift[:, None])
+    torch.testing.assert_close(gated_residual(x, gate, branch), x + gate[:, None] * branch)
