@@ -69,11 +69,25 @@ def _xformers_op():
     return xformers.ops.memory_efficient_attention
 
 
+# Whether importing xformers failed, per loader function (tests substitute it).
+_xformers_import_errors: dict[int, bool] = {}
+
+
+@torch.compiler.assume_constant_result
+def _xformers_missing() -> bool:
+    key = id(_xformers_op)
+    if key not in _xformers_import_errors:
+        try:
+            _xformers_op()
+            _xformers_import_errors[key] = False
+        except ImportError:
+            _xformers_import_errors[key] = True
+    return _xformers_import_errors[key]
+
+
 def _xformers_unusable_reason(device: torch.device) -> str | None:
     """None if xformers can run on ``device``, else a short reason why not."""
-    try:
-        _xformers_op()
-    except ImportError:
+    if _xformers_missing():
         return "xformers not installed"
     if device.type != "cuda":
         return f"tensors are on {device.type}, xformers needs CUDA"
@@ -90,16 +104,25 @@ def auto_backend(device: torch.device, dtype: torch.dtype, query_len: int, key_l
     return "sdpa", reason
 
 
+# Run by torch.compile at trace time, its answer a constant of the graph: a logging call
+# (or the import inside the xformers check) traced in the graph would break it at
+# every attention call.
+@torch.compiler.assume_constant_result
+def _auto_choice(device: torch.device, dtype: torch.dtype, query_len: int, key_len: int) -> str:
+    """`auto_backend`'s kernel, logged the first time each choice is made."""
+    chosen, reason = auto_backend(device, dtype, query_len, key_len)
+    message = f"attention backend: auto -> {chosen}" + (f" ({reason})" if reason else "")
+    if message not in _logged_choices:
+        _logged_choices.add(message)
+        logger.info(message)
+    return chosen
+
+
 def _resolve(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
     """Map ``backend`` (possibly "auto") to the concrete kernel to run for these queries and keys."""
     check_backend(backend)
     if backend == "auto":
-        chosen, reason = auto_backend(q.device, q.dtype, q.shape[1], k.shape[1])
-        message = f"attention backend: auto -> {chosen}" + (f" ({reason})" if reason else "")
-        if message not in _logged_choices:
-            _logged_choices.add(message)
-            logger.info(message)
-        return chosen
+        return _auto_choice(q.device, q.dtype, q.shape[1], k.shape[1])
     if backend == "xformers":
         reason = _xformers_unusable_reason(q.device)
         if reason:

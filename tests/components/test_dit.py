@@ -226,3 +226,15 @@ def test_fused_adaln_ops_match_their_formulas():
     shift, scale, gate = torch.randn(3, 2, 8, generator=g)
     torch.testing.assert_close(modulate(x, shift, scale), x * (1 + scale[:, None]) + shift[:, None])
     torch.testing.assert_close(gated_residual(x, gate, branch), x + gate[:, None] * branch)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiles_to_one_graph(autocast):
+    # "auto" attention resolves (and logs) at trace time: no graph break per block.
+    torch._dynamo.reset()
+    model = _small(attention_backend="auto")
+    x, t, cond, mask = _inputs(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        explanation = torch._dynamo.explain(model)(x, t, cond, mask)
+    assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
