@@ -69,6 +69,21 @@ def test_prepare_pretrains_normalises_and_caches(tmp_path, monkeypatch):
     assert len(list((tmp_path / "autoencoder").iterdir())) == 2
 
 
+def test_pretrained_weights_depend_on_the_cache_key_alone(tmp_path, monkeypatch):
+    # Two caches, two builds under different global RNG states (as when a recipe builds
+    # other models first): the same key must stand for the same weights.
+    data = ShapesDataModule(train_size=64, batch_size=16)
+    weights = []
+    for global_seed in (1, 2):
+        monkeypatch.setenv("UNIZOO_CACHE", str(tmp_path / str(global_seed)))
+        torch.manual_seed(global_seed)
+        rep = VAERepresentation(autoencoder=TINY, pretraining={"steps": 3})
+        rep.prepare(data)
+        weights.append(rep.vae.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 def test_pretrained_directory_loads_through_from_pretrained(tmp_path):
     source = VAERepresentation(autoencoder=TINY)
     torch.nn.init.normal_(source.vae.decoder.conv_out.weight)
