@@ -92,7 +92,7 @@ def measure_one(backend: str, seq_len: int, precision: str, cfg: AttentionConfig
     except (RuntimeError, torch.OutOfMemoryError) as error:
         if not _is_oom(error):
             raise
-        del q, k, v, grad_out
+        q = k = v = grad_out = None  # drop the inputs (and step's view of them) before emptying the cache
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return {**row, "status": "failed: out of memory"}

@@ -61,6 +61,8 @@ def save_grid(images: torch.Tensor, path: Path, captions: Sequence[str] | None =
                 axis.set_title("\n".join(textwrap.wrap(captions[index], 18)), fontsize=5)
     figure.tight_layout(pad=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150)
+    # "tight" grows the canvas to the titles: with one row, tight_layout alone clipped
+    # the first line of two-line captions.
+    figure.savefig(path, dpi=150, bbox_inches="tight", pad_inches=0.05)
     plt.close(figure)
     return path
