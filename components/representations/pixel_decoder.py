@@ -75,9 +75,8 @@ class PixelDecoder(nn.Module):
 
         def build(directory: Path) -> None:
             datamodule.setup("fit")
-            with torch.random.fork_rng(devices=[]), torch.enable_grad():
-                torch.manual_seed(0)  # the initialisation is part of what the key stands for
-                self.generator.initialize_weights()
+            with torch.enable_grad():
+                self.generator.initialize_weights()  # drawn under the cache's fixed seed
                 self.generator.requires_grad_(True)
                 train_pixel_decoder(self.generator, self.objective, self.vae.encode, encode, datamodule.train_dataloader(),
                                     **self.training_settings)

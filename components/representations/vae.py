@@ -119,13 +119,11 @@ class VAERepresentation(nn.Module):
         datamodule.setup("fit")
 
         def build(directory: Path) -> None:
-            with torch.random.fork_rng(devices=[]), torch.enable_grad():
-                # The initialisation is part of what the key stands for: drawn here under a
-                # fixed seed, not wherever the model happened to be built in a recipe.
-                torch.manual_seed(0)
-                vae = AutoencoderKL.from_config(self.vae.config)
+            # A fresh model: its initialisation is drawn under the cache's fixed seed, not
+            # wherever self.vae happened to be built in a recipe.
+            vae = AutoencoderKL.from_config(self.vae.config)
+            with torch.enable_grad():
                 train_autoencoder(vae, datamodule.train_dataloader(), **self.pretraining, seed=0)
-            vae.requires_grad_(False).eval()
             shift, scale = fit_latent_normalisation(vae, datamodule.train_dataloader())
             vae.register_to_config(shift_factor=shift, scaling_factor=scale)
             vae.save_pretrained(directory)

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 def cache_root() -> Path:
     """`$UNIZOO_CACHE`, else `~/.cache/unizoo`."""
@@ -32,6 +34,9 @@ def content_hash(signature: Any) -> str:
 def cached_directory(kind: str, signature: Any, build: Callable[[Path], None]) -> tuple[Path, bool]:
     """The cache entry for `signature`, calling `build(tmp_dir)` to fill it when missing.
 
+    `build` runs under a fixed seed in a forked RNG: the key stands for the weights, so
+    what the caller drew before (other models built first in a recipe) must not change
+    them, and the caller's random stream continues as if `build` had not run.
     Returns the entry's path and whether it was already there.
     """
     entry = cache_root() / kind / content_hash(signature)
@@ -40,7 +45,9 @@ def cached_directory(kind: str, signature: Any, build: Callable[[Path], None]) -
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
     try:
-        build(tmp)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            build(tmp)
         (tmp / "signature.json").write_text(json.dumps(signature, sort_keys=True, indent=2, default=str))
         if entry.exists():  # another process finished first: keep theirs
             shutil.rmtree(tmp)
