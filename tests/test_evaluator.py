@@ -158,3 +158,14 @@ def test_evaluate_input_checks_and_category_subset():
     assert [o.colour for o in found] == list(COLOURS)
     for o, truth in zip(found, grid):  # within a pixel: sizes and positions snap to the pixel grid
         assert abs(o.cx - truth.cx) <= 1 / 32 and abs(o.cy - truth.cy) <= 1 / 32
+
+
+def test_random_tokens_have_the_statistics_of_the_real_ones():
+    from unizoo.evaluation import random_like_statistics
+
+    torch.manual_seed(0)
+    real = torch.randn(4000, 3, 2) * torch.tensor([0.5, 2.0]) + torch.tensor([[1.0], [0.0], [-3.0]])
+    fake = random_like_statistics(real, torch.Generator().manual_seed(1))
+    assert torch.allclose(fake.mean(0), real.mean(0), atol=0.1)
+    assert torch.allclose(fake.std(0), real.std(0), rtol=0.05)
+    assert not torch.equal(fake[:10], real[:10])

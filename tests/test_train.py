@@ -33,6 +33,7 @@ def test_run_directory_holds_everything(tiny_run):
     assert metrics["seconds_total"] > 0
     round_trip = metrics["representation"]
     assert 0.0 <= round_trip["round_trip"] <= 1.0 and round_trip["original"] == 1.0  # real images score perfectly
+    assert 0.0 <= round_trip["random_features"] <= 1.0  # the floor: random tokens of the real ones' statistics
     assert Image.open(tiny_run / "samples_generation.png").size[0] > 100
 
 

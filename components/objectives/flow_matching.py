@@ -4,9 +4,18 @@ Convention (diffusers'): sigma 1 is noise, `x_t = sigma * noise + (1 - sigma) * 
 and the model predicts the velocity `noise - x0`. The generator receives sigma in
 [0, 1] as its timestep. Classifier-free guidance comes from condition dropout: a
 dropped row sees the generator's learned null condition.
+
+The timestep shift can follow the target's size (`shift="auto"`): RAE (Zheng et al.,
+arXiv 2510.11690) shows that a target with more numbers per sample keeps more of its
+signal at a given noise level, so the same sigma destroys less of it; shifting the
+schedule by `sqrt(m / n)` (m = tokens x channels of the target, n a base dimension)
+moves training and sampling towards noise until the corruption matches the base's.
 """
 
 from __future__ import annotations
+
+import logging
+import math
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -15,12 +24,24 @@ from torch.nn import functional as F
 
 from unizoo.components.objectives.guidance import guided
 
+log = logging.getLogger(__name__)
+
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+# The base dimension of `shift="auto"`: the embedded default's VAE target (64 tokens x 4
+# channels at 32 px), for which shift 1 is tuned; a CLIP target of 64 x 64 gets sqrt(16) = 4.
+SHIFT_BASE_DIM = 256
 
 
 def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     """The resolution shift of SD3 / diffusers: `shift * s / (1 + (shift - 1) * s)` (identity at 1)."""
     return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def dimension_shift(token_shape: tuple[int, ...], base_dim: int = SHIFT_BASE_DIM) -> float:
+    """RAE's dimension-dependent shift `sqrt(m / n)`: m the numbers per sample (N x C), n = `base_dim`."""
+    return math.sqrt(math.prod(token_shape) / base_dim)
 
 
 class FlowMatching(nn.Module):
@@ -32,7 +53,8 @@ class FlowMatching(nn.Module):
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         condition_dropout: float = 0.1,
-        shift: float = 1.0,
+        shift: float | str = 1.0,
+        shift_base_dim: int = SHIFT_BASE_DIM,
         num_train_timesteps: int = 1000,
         sample_steps: int = 30,
         guidance: float = 3.0,
@@ -45,34 +67,55 @@ class FlowMatching(nn.Module):
         self.timestep_sampling = timestep_sampling
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.condition_dropout = condition_dropout
-        self.shift = shift
+        if not (shift == "auto" or (isinstance(shift, (int, float)) and shift > 0)):
+            raise ValueError(f"objective.shift={shift!r}: expected a positive number or 'auto' (sqrt(tokens x channels / shift_base_dim))")
+        self.shift, self.shift_base_dim = shift, shift_base_dim
+        self._logged_shift = False
         self.num_train_timesteps = num_train_timesteps
         # Sampler defaults, used where a caller passes None.
         self.sample_steps, self.guidance = sample_steps, guidance
 
-    def sample_sigmas(self, batch: int, device: torch.device) -> torch.Tensor:
-        """Training noise levels `(B,)` in (0, 1)."""
+    def shift_for(self, token_shape: tuple[int, ...]) -> float:
+        """The timestep shift for targets of `token_shape` `(N, C)`: the recipe's number, or RAE's for "auto"."""
+        if self.shift != "auto":
+            return float(self.shift)
+        shift = dimension_shift(token_shape, self.shift_base_dim)
+        if not self._logged_shift:
+            log.info("flow matching: shift auto = sqrt(%d x %d / %d) = %.3g", *token_shape, self.shift_base_dim, shift)
+            self._logged_shift = True
+        return shift
+
+    def sample_sigmas(self, batch: int, device: torch.device, shift: float | None = None) -> torch.Tensor:
+        """Training noise levels `(B,)` in (0, 1); `shift` defaults to the recipe's number (needed for "auto")."""
         if self.timestep_sampling == "logit_normal":
             # SD3's logit-normal: more weight on the middle of the path, where the
             # velocity is hardest to predict.
             sigma = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(batch, device=device))
         else:
             sigma = torch.rand(batch, device=device)
-        return shift_sigmas(sigma, self.shift)
+        if shift is None:
+            if self.shift == "auto":
+                raise ValueError("shift='auto' depends on the target's shape: pass shift=objective.shift_for((N, C))")
+            shift = self.shift
+        return shift_sigmas(sigma, shift)
 
     def loss(self, generator: nn.Module, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Mean squared error of the predicted velocity; `x0` target tokens `(B, N, C)`, cond `(B, Q, D)`."""
         batch = x0.shape[0]
         noise = torch.randn_like(x0)
-        sigma = self.sample_sigmas(batch, x0.device)
+        sigma = self.sample_sigmas(batch, x0.device, self.shift_for(tuple(x0.shape[1:])))
         s = sigma.view(batch, *([1] * (x0.dim() - 1))).to(x0.dtype)
         x_t = s * noise + (1 - s) * x0
         drop = torch.rand(batch, device=x0.device) < self.condition_dropout
         prediction = generator(x_t, sigma, generator.drop_condition(cond, drop))
         return F.mse_loss(prediction.float(), (noise - x0).float())
 
-    def scheduler(self) -> FlowMatchEulerDiscreteScheduler:
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
+    def scheduler(self, token_shape: tuple[int, ...] | None = None) -> FlowMatchEulerDiscreteScheduler:
+        """diffusers' Euler scheduler with the shift for targets of `token_shape` (needed for "auto")."""
+        shift = self.shift_for(token_shape) if token_shape is not None else self.shift
+        if shift == "auto":
+            raise ValueError("shift='auto' depends on the target's shape: pass scheduler(token_shape=(N, C))")
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=shift)
 
     @torch.no_grad()
     def sample(
@@ -90,7 +133,7 @@ class FlowMatching(nn.Module):
         steps = steps or self.sample_steps
         guidance = self.guidance if guidance is None else guidance
         batch, device = cond.shape[0], cond.device
-        scheduler = self.scheduler()
+        scheduler = self.scheduler(tuple(generator.token_shape))
         scheduler.set_timesteps(steps, device=device)
         x = torch.randn((batch, *generator.token_shape), generator=rng, device="cpu").to(device, cond.dtype)
         for t in scheduler.timesteps:

@@ -41,8 +41,10 @@ _TRANSFORMERS_TOWERS: dict[str, tuple[int, tuple[float, ...], tuple[float, ...]]
 }
 # Weight files a timm / open_clip checkpoint directory may hold, in order of preference.
 _TIMM_WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-# Real images the normalisation is fitted on: enough for a stable scalar mean/std, cheap for a big tower.
+# Real images the normalisation is fitted on: enough for a stable mean/std per channel, cheap for a big tower.
 _NORMALISATION_BATCHES = 8
+# How features are brought to unit scale: one shift/scale per channel, one for all channels, or not at all.
+NORMALISATIONS = ("channel", "scalar", "none")
 
 
 def _public(config: Any) -> Any:
@@ -50,6 +52,11 @@ def _public(config: Any) -> Any:
     if isinstance(config, dict):
         return {k: _public(v) for k, v in config.items() if not str(k).startswith("_") and k != "transformers_version"}
     return config
+
+
+def _rounded(values: torch.Tensor) -> list[float] | float:
+    """Statistics as plain numbers for a cache key, rounded so float noise does not change it."""
+    return [round(v, 6) for v in values.tolist()] if values.dim() else round(values.item(), 6)
 
 
 def _local_path(pretrained: str, what: str) -> Path:
@@ -72,7 +79,7 @@ class CLIPRepresentation(nn.Module):
         timm_model: str | None = None,
         timm_kwargs: dict[str, Any] | None = None,
         pool_to: int | None = None,
-        normalize: bool = True,
+        normalize: str | bool = "channel",
         feature_layer: int = -1,
         clip: dict[str, Any] | None = None,
         pretraining: dict[str, Any] | None = None,
@@ -80,6 +87,10 @@ class CLIPRepresentation(nn.Module):
     ) -> None:
         super().__init__()
         self.image_size, self.tower, self.pretrained = image_size, tower, pretrained
+        # true / false: the values of recipes written before per-channel normalisation existed.
+        normalize = {True: "scalar", False: "none"}.get(normalize, normalize) if isinstance(normalize, bool) else normalize
+        if normalize not in NORMALISATIONS:
+            raise ValueError(f"representation.normalize={normalize!r}; valid choices: {', '.join(NORMALISATIONS)}")
         self.normalize, self.feature_layer, self.clip = normalize, feature_layer, dict(clip or {})
         # Every setting spelled out, so the recipe and the Python default share one cache key.
         self.pretraining = {"steps": 1000, "lr": 2e-3, "weight_decay": 0.05, "warmup_steps": 50, **(pretraining or {})}
@@ -92,9 +103,10 @@ class CLIPRepresentation(nn.Module):
         self.vision.requires_grad_(False).eval()
         self.pool_to = pool_to
         self._check_pooling()
-        # Buffers, so a run's checkpoint carries the normalisation with the weights.
-        self.register_buffer("feature_shift", torch.tensor(0.0))
-        self.register_buffer("feature_scale", torch.tensor(1.0))
+        # Buffers, so a run's checkpoint carries the normalisation with the weights: (C,) per channel, () otherwise.
+        statistics_shape = (self.width,) if normalize == "channel" else ()
+        self.register_buffer("feature_shift", torch.zeros(statistics_shape))
+        self.register_buffer("feature_scale", torch.ones(statistics_shape))
         # Features -> pixels (BLIP3-o's diffusion decoder); None for an encoder-only use,
         # such as the understanding path's vision encoder.
         self.decoder = PixelDecoder(self.token_shape, **decoder, image_size=image_size) if decoder is not None else None
@@ -200,7 +212,7 @@ class CLIPRepresentation(nn.Module):
                     "pretrains only the tiny transformers CLIP (tower=transformers, pretrained=null)"
                 )
             self._load_tiny_clip(datamodule)
-        if self.normalize:
+        if self.normalize != "none":
             self._fit_normalisation(datamodule)
         if self.decoder is not None:
             # The decoder depends on exactly these features: the tower's weights and the fitted normalisation.
@@ -208,7 +220,7 @@ class CLIPRepresentation(nn.Module):
                 "tower": self.cache_signature(datamodule) if self.pretrained is None else {"pretrained": str(self.pretrained)},
                 "feature_layer": self.feature_layer,
                 "pool_to": self.pool_to,
-                "normalisation": [round(self.feature_shift.item(), 6), round(self.feature_scale.item(), 6)],
+                "normalisation": {"kind": self.normalize, "shift": _rounded(self.feature_shift), "scale": _rounded(self.feature_scale)},
             }
             self.decoder.prepare(datamodule, self.encode, features)
 
@@ -228,15 +240,23 @@ class CLIPRepresentation(nn.Module):
 
     @torch.no_grad()
     def _fit_normalisation(self, datamodule: L.LightningDataModule) -> None:
-        # One scalar shift and scale for all channels (like the VAE's latent scaling), so the
-        # generator's targets are unit scale while the channels keep their relative sizes.
-        self.feature_shift.fill_(0.0)
+        # "scalar": one shift and scale for all channels (like the VAE's latent scaling): unit
+        # scale overall, channels keep their relative sizes. "channel": every channel zero-mean,
+        # unit-std, so the generator's error budget is spread evenly over channels instead of
+        # being spent on the widest ones (RAE normalises its encoders' features per channel).
+        self.feature_shift.zero_()
         self.feature_scale.fill_(1.0)
         batches = itertools.islice(datamodule.train_dataloader(), _NORMALISATION_BATCHES)
         features = torch.cat([self.encode(batch["image"]) for batch in batches]).float()
-        self.feature_shift.fill_(features.mean().item())
-        self.feature_scale.fill_(1.0 / features.std().item())
-        log.info("representation: CLIP features normalised (shift %.4f, scale %.4f)", self.feature_shift, self.feature_scale)
+        if self.normalize == "channel":
+            flat = features.reshape(-1, features.shape[-1])
+            self.feature_shift.copy_(flat.mean(0))
+            self.feature_scale.copy_(1.0 / flat.std(0).clamp_min(1e-6))
+        else:
+            self.feature_shift.fill_(features.mean().item())
+            self.feature_scale.fill_(1.0 / features.std().item())
+        log.info("representation: CLIP features normalised per %s (mean shift %.4f, mean scale %.4f)",
+                 "channel" if self.normalize == "channel" else "tensor", self.feature_shift.mean(), self.feature_scale.mean())
 
     def _patch_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Tower input `(B, 3, S, S)` -> patch tokens `(B, grid², C)` of layer `feature_layer`, prefix tokens dropped."""

@@ -57,7 +57,7 @@ class PixelDecoder(nn.Module):
         generator["aligned_condition"] = feature_shape[0] == num_tokens if aligned == "auto" else bool(aligned)
         self.generator = dit(**generator, token_dim=token_dim, num_tokens=num_tokens, condition_dim=feature_shape[1])
         self.objective = FlowMatching(**objective)
-        self.training_settings = {"steps": 1000, "lr": 1e-3, **(training or {})}
+        self.training_settings = {"steps": 1000, "lr": 1e-3, "noise_std": 0.0, **(training or {})}
         self.config = {"feature_shape": list(feature_shape), "generator": generator, "objective": objective, "training": self.training_settings}
         self.generator.requires_grad_(False).eval()
 

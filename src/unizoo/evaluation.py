@@ -78,6 +78,13 @@ class CaptionEvaluation:
         return scores
 
 
+def random_like_statistics(tokens: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """Gaussian tokens with the mean and std of `tokens (B, N, C)` at each (token, channel) position."""
+    mean, std = tokens.float().mean(0), tokens.float().std(0)
+    noise = torch.randn(tokens.shape, generator=rng).to(tokens.device)
+    return (mean + std * noise).to(tokens.dtype)
+
+
 @dataclass
 class RoundTripEvaluation:
     """How much of what the evaluator sees survives the representation: score(decode(encode(x))) vs score(x)."""
@@ -88,14 +95,26 @@ class RoundTripEvaluation:
 
     def __call__(self, representation: torch.nn.Module, grid_path: Path) -> dict[str, float]:
         start = time.perf_counter()
-        decoded = representation.decode(representation.encode(self.images)).float().cpu()
+        tokens = representation.encode(self.images)
+        decoded = representation.decode(tokens).float().cpu()
         original = self.evaluator(list(self.captions), self.images)["overall"]
         round_trip = self.evaluator(list(self.captions), decoded)["overall"]
+        # The floor: what decoding tokens that merely look like the real ones (same mean and std
+        # per token and channel, no image behind them) scores against the same captions. A
+        # decoder that draws clean shapes from anything lifts this above zero.
+        random_tokens = random_like_statistics(tokens, torch.Generator().manual_seed(0))
+        random_features = self.evaluator(list(self.captions), representation.decode(random_tokens).float().cpu())["overall"]
         shown = min(16, len(self.captions))  # originals above, their round trips below
         save_grid(torch.cat([self.images[:shown], decoded[:shown]]), grid_path, captions=[*self.captions[:shown]] * 2, columns=shown)
-        scores = {"original": original, "round_trip": round_trip, "ratio": round_trip / original if original else 0.0}
+        scores = {
+            "original": original,
+            "round_trip": round_trip,
+            "ratio": round_trip / original if original else 0.0,
+            "random_features": random_features,
+        }
         log.info(
-            "representation round trip on %d images (%.0f s): evaluator overall %.3f -> %.3f (ratio %.3f) -> %s",
-            len(self.captions), time.perf_counter() - start, original, round_trip, scores["ratio"], grid_path,
+            "representation round trip on %d images (%.0f s): evaluator overall %.3f -> %.3f (ratio %.3f); "
+            "random tokens of the same statistics decode to %.3f -> %s",
+            len(self.captions), time.perf_counter() - start, original, round_trip, scores["ratio"], random_features, grid_path,
         )
         return scores

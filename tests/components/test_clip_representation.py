@@ -163,7 +163,7 @@ def test_prepare_pretrains_normalises_and_caches(tmp_path, monkeypatch):
     again = CLIPRepresentation(clip=TINY, pretraining={"steps": 3})
     again.prepare(data)  # from the cache: identical weights and normalisation, no retraining
     assert torch.equal(again.vision.embeddings.patch_embedding.weight, rep.vision.embeddings.patch_embedding.weight)
-    assert again.feature_scale == rep.feature_scale and again.feature_shift == rep.feature_shift
+    assert torch.equal(again.feature_scale, rep.feature_scale) and torch.equal(again.feature_shift, rep.feature_shift)
     assert len(list((tmp_path / "clip").iterdir())) == 1
 
     CLIPRepresentation(clip=TINY, pretraining={"steps": 4}).prepare(data)  # another recipe, another entry
@@ -178,10 +178,37 @@ def test_pretrained_tower_only_fits_the_normalisation(tmp_path, monkeypatch):
     rep.prepare(ShapesDataModule(train_size=128, batch_size=16))
     assert torch.equal(weights, rep.vision.embeddings.patch_embedding.weight)
     assert not (tmp_path / "cache").exists()  # nothing pretrained
-    assert rep.feature_scale != 1.0
+    assert rep.normalize == "scalar" and rep.feature_scale != 1.0  # true: a recipe from before per-channel statistics
     raw = CLIPRepresentation(pretrained=str(tmp_path / "vision"), normalize=False)
     raw.prepare(ShapesDataModule(train_size=128, batch_size=16))
-    assert raw.feature_shift == 0.0 and raw.feature_scale == 1.0
+    assert raw.normalize == "none" and raw.feature_shift == 0.0 and raw.feature_scale == 1.0
+
+
+def test_channel_normalisation_gives_every_channel_zero_mean_and_unit_std(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIZOO_CACHE", str(tmp_path / "cache"))
+    CLIPRepresentation(clip=TINY).vision.save_pretrained(tmp_path / "vision")
+    data = ShapesDataModule(train_size=512, batch_size=64)
+    per_channel = CLIPRepresentation(pretrained=str(tmp_path / "vision"), normalize="channel")
+    scalar = CLIPRepresentation(pretrained=str(tmp_path / "vision"), normalize="scalar")
+    per_channel.prepare(data)
+    scalar.prepare(data)
+    width = per_channel.width
+    assert per_channel.feature_scale.shape == (width,) and scalar.feature_scale.shape == ()
+    images = torch.cat([batch["image"] for batch in data.train_dataloader()])[:512]  # the images it was fitted on
+    channels = per_channel.encode(images).reshape(-1, width)
+    assert channels.mean(0).abs().max() < 1e-3
+    assert torch.allclose(channels.std(0), torch.ones(width), atol=1e-3)
+    # A scalar normalisation leaves the channels' relative sizes: their stds spread out.
+    spread = scalar.encode(images).reshape(-1, width).std(0)
+    assert spread.max() / spread.min() > 1.5
+    # The same features up to a per-channel affine map.
+    assert torch.allclose(per_channel.encode(images[:8]), (scalar.encode(images[:8]) / scalar.feature_scale + scalar.feature_shift
+                                                           - per_channel.feature_shift) * per_channel.feature_scale, atol=1e-4)
+
+
+def test_unknown_normalisation_names_the_choices():
+    with pytest.raises(ValueError, match="channel, scalar, none"):
+        CLIPRepresentation(clip=TINY, normalize="layer")
 
 
 def test_cache_key_is_stable_across_processes():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from unizoo.components.objectives.flow_matching import FlowMatching, shift_sigmas
+from unizoo.components.objectives.flow_matching import SHIFT_BASE_DIM, FlowMatching, dimension_shift, shift_sigmas
 
 
 class ConstantVelocity(nn.Module):
@@ -108,3 +110,40 @@ def test_sampler_integrates_the_exact_velocity_to_the_data(guidance):
 def test_unknown_timestep_sampling_is_a_clear_error():
     with pytest.raises(ValueError, match="uniform, logit_normal"):
         FlowMatching(timestep_sampling="cosine")
+
+
+def test_auto_shift_is_rae_dimension_shift():
+    # sqrt(tokens x channels / 256): 1 for the default VAE target (64 x 4), 4 for 64 CLIP tokens of 64 channels.
+    assert SHIFT_BASE_DIM == 256
+    assert dimension_shift((64, 4)) == 1.0
+    assert dimension_shift((64, 64)) == 4.0
+    assert dimension_shift((256, 4)) == 2.0
+    assert dimension_shift((64, 64), base_dim=4096) == 1.0
+
+
+def test_auto_shift_drives_training_sigmas_and_the_sampler():
+    objective = FlowMatching(timestep_sampling="uniform", shift="auto", condition_dropout=0.0)
+    generator = Recorder()
+    torch.manual_seed(0)
+    objective.loss(generator, torch.zeros(20000, 64, 64), torch.zeros(20000, 1, 3))
+    # Uniform sigmas shifted by 4: E[4u / (1 + 3u)] = 4/3 - 4 ln(4) / 9 ~= 0.717, against 0.5 unshifted.
+    assert generator.seen["sigma"].mean().item() == pytest.approx(4 / 3 - 4 * math.log(4) / 9, abs=0.01)
+    # The sampler uses the same shift: its schedule is diffusers' with shift 4 for a 64 x 64 target.
+    reference = FlowMatching(shift=4.0).scheduler()
+    assert torch.allclose(objective.scheduler((64, 64)).sigmas, reference.sigmas)
+    x0 = torch.randn(2, 64, 64)
+    exact = ConstantVelocity(x0)
+    samples = objective.sample(exact, torch.zeros(2, 1, 1), steps=6, guidance=1.0)
+    assert torch.allclose(samples, x0, atol=1e-4)
+    shifted = FlowMatching(shift=4.0).scheduler()
+    shifted.set_timesteps(6)
+    assert torch.allclose(torch.stack(exact.calls)[:, 0], shifted.timesteps / 1000)
+
+
+def test_auto_shift_needs_the_target_shape_and_rejects_nonsense():
+    with pytest.raises(ValueError, match="token_shape"):
+        FlowMatching(shift="auto").scheduler()
+    with pytest.raises(ValueError, match="positive number or 'auto'"):
+        FlowMatching(shift="big")
+    with pytest.raises(ValueError, match="positive number or 'auto'"):
+        FlowMatching(shift=0)

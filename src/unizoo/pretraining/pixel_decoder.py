@@ -22,6 +22,12 @@ from unizoo.schedules import warmup_cosine
 log = logging.getLogger(__name__)
 
 
+def augment_with_noise(features: torch.Tensor, noise_std: float) -> torch.Tensor:
+    """`features (B, N, C)` plus Gaussian noise whose std is drawn per sample from |N(0, noise_std²)|."""
+    std = torch.randn(features.shape[0], *([1] * (features.dim() - 1)), device=features.device).abs() * noise_std
+    return features + std.to(features.dtype) * torch.randn_like(features)
+
+
 def train_pixel_decoder(
     generator: nn.Module,
     objective: nn.Module,
@@ -30,9 +36,16 @@ def train_pixel_decoder(
     loader: DataLoader,
     steps: int,
     lr: float = 1e-3,
+    noise_std: float = 0.0,
     seed: int = 0,
 ) -> float:
-    """Train `generator` in place so that `objective.sample(generator, encode_condition(x))` ≈ `encode_targets(x)`."""
+    """Train `generator` in place so that `objective.sample(generator, encode_condition(x))` ≈ `encode_targets(x)`.
+
+    `noise_std` > 0 trains on noise-augmented features, as RAE's decoders are (arXiv 2510.11690):
+    each image's features get Gaussian noise of a standard deviation drawn from |N(0, noise_std²)|,
+    so the decoder learns to render features that are near, not on, the real ones, which is
+    what a generator produces.
+    """
     torch.manual_seed(seed)
     generator.train()
     optimizer = torch.optim.AdamW(generator.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -44,6 +57,8 @@ def train_pixel_decoder(
         images = next(batches)["image"]
         with torch.no_grad():
             targets, condition = encode_targets(images), encode_condition(images)
+            if noise_std > 0:
+                condition = augment_with_noise(condition, noise_std)
         loss = objective.loss(generator, targets, condition)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
