@@ -309,3 +309,20 @@ def test_quick_run_on_cuda(tmp_path):
     for row in attention_rows + peer["rows"]:
         assert row["status"] == "ok" or row["status"].startswith("skipped: "), row
     assert all(r["status"] == "ok" for r in attention_rows if r["backend"] != "xformers")
+
+
+def test_clip_fidelity_table_runs_and_resumes(tmp_path):
+    """The lever table end to end at tiny size: trains each variant in its own process, then reuses the runs."""
+    command = [sys.executable, "-m", "benchmarks.clip_fidelity", "--quick", "--seeds", "0", "--variants", "vae", "clip_all",
+               "--prompts", "4", "--robustness-images", "4", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (folder,) = (tmp_path / "out").iterdir()
+    result = json.loads((folder / "clip_fidelity-quick.json").read_text())
+    assert set(result["variants"]) == {"vae", "clip_all"}
+    for runs in result["variants"].values():
+        assert 0.0 <= runs[0]["trained"]["overall"] <= 1.0 and 0.0 <= runs[0]["representation"]["random_features"] <= 1.0
+    assert set(result["robustness"]) == {"channel, noise 0.5"}
+    assert "| `clip_all` |" in (folder / "clip_fidelity-quick.md").read_text()
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0 and again.stderr.count("reusing") == 2, again.stderr[-2000:]

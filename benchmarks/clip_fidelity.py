@@ -1,0 +1,203 @@
+"""`python -m benchmarks.clip_fidelity [--seeds 0 1] [--runs DIR] [--quick]`: what each lever of
+CLIP-feature generation does, against the VAE default at the same generator size.
+
+Every lever is a recipe value (RAE, Zheng et al., arXiv 2510.11690):
+
+* `objective.shift=auto`: the timestep shift sqrt(tokens x channels / 256), 4 for 64 CLIP
+  tokens of 64 channels, 1 for the default VAE target;
+* `representation.normalize=channel`: per-channel rather than one scalar feature normalisation;
+* `decoder.training.noise_std`: the CLIP-to-pixel decoder trained on noise-augmented features.
+
+Each variant trains the generation-only recipe (`strategy=generation`, default sizes and
+steps, so every variant has the same generator and the same number of optimiser steps) once
+per seed through `unizoo train`, in a process of its own; a run whose metrics.json is
+complete is reused, so an interrupted table resumes. Scores are the evaluator's on
+`--prompts` val prompts (the same prompts and sampling noise for every variant). The decoder
+robustness rows decode real val features plus Gaussian noise of std sigma (features are unit
+scale), with and without noise augmentation.
+
+Writes `<out>/<machine>/clip_fidelity.{json,md}` (`-quick` for --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .report import environment, machine_slug
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+CLIP = "representation=clip"
+# name -> (what it changes, overrides). Every CLIP variant spells out all three levers, so a
+# change of the recipe defaults never changes what a row means.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "vae": ("the default recipe: VAE latents", []),
+    "clip_old": ("CLIP, none of the levers (shift 1, scalar normalisation, clean decoder)",
+                 [CLIP, "objective.shift=1.0", "representation.normalize=scalar", "decoder.training.noise_std=0.0"]),
+    "clip_shift": ("+ shift auto (= 4) alone",
+                   [CLIP, "objective.shift=auto", "representation.normalize=scalar", "decoder.training.noise_std=0.0"]),
+    "clip_channel": ("+ per-channel normalisation alone",
+                     [CLIP, "objective.shift=1.0", "representation.normalize=channel", "decoder.training.noise_std=0.0"]),
+    "clip_noise": ("+ noise-augmented decoder (noise_std 0.5) alone",
+                   [CLIP, "objective.shift=1.0", "representation.normalize=scalar", "decoder.training.noise_std=0.5"]),
+    "clip_all": ("all three levers",
+                 [CLIP, "objective.shift=auto", "representation.normalize=channel", "decoder.training.noise_std=0.5"]),
+}
+# Runs whose decoders the robustness rows probe: (normalisation, decoder noise_std) -> variant.
+ROBUSTNESS_RUNS = {"scalar, clean": "clip_old", "scalar, noise 0.5": "clip_noise",
+                   "channel, clean": "clip_channel", "channel, noise 0.5": "clip_all"}
+ROBUSTNESS_SIGMAS = (0.0, 0.2, 0.4, 0.8)
+# Shrinks every size so --quick checks the harness in about a minute; its numbers mean nothing.
+QUICK_OVERRIDES = [
+    "data.train_size=128", "data.val_size=32", "data.batch_size=8", "strategy.steps=3", "warmup_steps=1",
+    "vae.autoencoder.block_out_channels=[16,16,16]", "vae.pretraining.steps=2", "clip.pretraining.steps=2",
+    "decoder.training.steps=2", "+decoder.generator.depth=1", "+generator.depth=1", "evaluation.steps=2",
+    "+backbone.config_overrides={hidden_size:32,intermediate_size:64,num_hidden_layers:1,num_attention_heads:2,num_key_value_heads:1}",
+    "+trainer.enable_model_summary=false",
+]
+CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
+
+
+def run_dir(runs: Path, name: str) -> Path | None:
+    """The newest complete run of `name` under `runs`, or None."""
+    for path in sorted((runs / name).glob("*/metrics.json"), reverse=True):
+        if "seconds_total" in json.loads(path.read_text()):
+            return path.parent
+    return None
+
+
+def train_variant(runs: Path, name: str, overrides: list[str], seed: int, prompts: int, quick: bool) -> Path:
+    """`unizoo train` of one variant and seed in its own process, unless a complete run exists."""
+    run_name = f"{name}_s{seed}"
+    done = run_dir(runs, run_name)
+    if done is not None:
+        print(f"[clip_fidelity] {run_name}: reusing {done}", file=sys.stderr, flush=True)
+        return done
+    print(f"[clip_fidelity] {run_name}: training ({' '.join(overrides) or 'default'})", file=sys.stderr, flush=True)
+    command = [sys.executable, "-m", "unizoo.cli", "train", *overrides, f"seed={seed}", f"name={run_name}",
+               f"run_root={runs}", f"evaluation.prompts={prompts}", "+trainer.enable_progress_bar=false",
+               *(QUICK_OVERRIDES if quick else [])]
+    subprocess.run(command, check=True)
+    return run_dir(runs, run_name)
+
+
+def run_scores(path: Path) -> dict:
+    metrics = json.loads((path / "metrics.json").read_text())
+    return {
+        "untrained": metrics["untrained"]["generation"],
+        "trained": metrics["generation"]["generation"],
+        "seconds": metrics["seconds"]["generation"],
+        "representation": metrics["representation"],
+    }
+
+
+@torch.no_grad()
+def decoder_robustness(path: Path, images: int) -> dict[str, float]:
+    """Evaluator overall of decode(features + sigma * noise) on real val images, per sigma."""
+    from hydra.utils import instantiate
+
+    from unizoo.evaluation import first_items
+    from unizoo.runs import load_run
+
+    recipe, model = load_run(path)
+    data = instantiate(recipe.data, _convert_="all")
+    data.setup("validate")
+    pictures, captions = first_items(data.val_dataloader(), images)
+    features = model.representation.encode(pictures)
+    evaluator = instantiate(recipe.evaluator)
+    noise = torch.randn(features.shape, generator=torch.Generator().manual_seed(0))
+    return {str(sigma): evaluator(captions, model.representation.decode(features + sigma * noise))["overall"]
+            for sigma in ROBUSTNESS_SIGMAS}
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def markdown(result: dict) -> str:
+    seeds = result["seeds"]
+    lines = [
+        f"<!-- {result['command']} | {result['environment']['device_name']} | torch {result['environment']['torch']} "
+        f"| commit {result['environment']['git_commit']} -->",
+        "",
+        f"### CLIP-feature generation: each lever alone and together, against the VAE default "
+        f"(generation only, default sizes, {result['steps']} steps, seeds {', '.join(map(str, seeds))}, "
+        f"{result['prompts']} val prompts; mean ± std over seeds)",
+        "",
+        "| variant | what it changes | untrained | trained overall | gain | " + " | ".join(CATEGORIES)
+        + " | random features | round trip | train s |",
+        "|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|",
+    ]
+    for name, runs in result["variants"].items():
+        trained = [r["trained"]["overall"] for r in runs]
+        untrained = [r["untrained"]["overall"] for r in runs]
+        cells = [_mean_std([r["trained"].get(c, float("nan")) for r in runs]) for c in CATEGORIES]
+        lines.append(
+            f"| `{name}` | {VARIANTS[name][0]} | {_mean_std(untrained)} | **{_mean_std(trained)}** | "
+            f"{_mean_std([t - u for t, u in zip(trained, untrained)])} | " + " | ".join(cells)
+            + f" | {_mean_std([r['representation'].get('random_features', float('nan')) for r in runs])}"
+            f" | {_mean_std([r['representation']['ratio'] for r in runs])}"
+            f" | {statistics.mean(r['seconds'] for r in runs):.0f} |"
+        )
+    if result.get("robustness"):
+        lines += [
+            "",
+            f"### Pixel decoder robustness: evaluator overall of decode(real features + sigma * N(0, 1)) on "
+            f"{result['robustness_images']} val images (features are unit scale)",
+            "",
+            "| normalisation, decoder training | " + " | ".join(f"sigma {s}" for s in ROBUSTNESS_SIGMAS) + " |",
+            "|---|" + "---|" * len(ROBUSTNESS_SIGMAS),
+        ]
+        for label, scores in result["robustness"].items():
+            lines.append(f"| {label} | " + " | ".join(f"{scores[str(s)]:.3f}" for s in ROBUSTNESS_SIGMAS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.clip_fidelity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default 0 1)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--prompts", type=int, default=256, help="val prompts scored per run (default 256)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/clip_fidelity"), help="where the runs go (reused)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results root (default {DEFAULT_OUT})")
+    parser.add_argument("--robustness-images", type=int, default=256, help="val images of the robustness rows")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, numbers mean nothing")
+    args = parser.parse_args(argv)
+
+    runs = args.runs.resolve()
+    result = {"command": "python -m benchmarks.clip_fidelity " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "environment": environment(torch.device("cpu")), "seeds": args.seeds, "prompts": args.prompts,
+              "quick": args.quick, "variants": {}, "robustness": {}, "robustness_images": args.robustness_images}
+    for name in args.variants:
+        result["variants"][name] = [
+            run_scores(train_variant(runs, name, VARIANTS[name][1], seed, args.prompts, args.quick)) for seed in args.seeds
+        ]
+    from omegaconf import OmegaConf
+
+    first = OmegaConf.load(run_dir(runs, f"{args.variants[0]}_s{args.seeds[0]}") / "recipe.yaml")
+    result["steps"] = int(first.strategy.steps)
+    for label, name in ROBUSTNESS_RUNS.items():
+        if name in args.variants:
+            result["robustness"][label] = decoder_robustness(run_dir(runs, f"{name}_s{args.seeds[0]}"), args.robustness_images)
+
+    folder = args.out / machine_slug(torch.device("cpu"))
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = "clip_fidelity-quick" if args.quick else "clip_fidelity"
+    (folder / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    (folder / f"{stem}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
