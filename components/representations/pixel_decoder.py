@@ -43,7 +43,7 @@ class PixelDecoder(nn.Module):
     ) -> None:
         """`vae`: the representation whose latents it generates (a recipe's `vae` arrives built), or its
         arguments; `generator`: `dit()` arguments; `objective`: `FlowMatching` arguments; `training`:
-        steps and lr of its own training."""
+        steps, lr and feature noise augmentation (`noise_std`) of its own training."""
         super().__init__()
         self.vae = vae if isinstance(vae, nn.Module) else VAERepresentation(**{"image_size": image_size, **(vae or {})})
         num_tokens, token_dim = self.vae.token_shape
