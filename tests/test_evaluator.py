@@ -1,4 +1,5 @@
-"""The GenEval-like evaluator: exact on clean data, robust to degradations, blind to mismatched pairs."""
+"""The GenEval-like evaluator: exact on clean data, robust to degradations, blind to mismatched pairs;
+its strict scores: perfect on clean data, near zero on mismatched pairs, failed by one extra object."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from PIL import ImageFilter
 from unizoo.data.datamodule import ShapesDataset
 from unizoo.data.shapes import COLOURS, Scene, ShapeObject, draw_scene
 from unizoo.eval.detect import DetectedObject, detect_objects
-from unizoo.eval.geneval import CATEGORIES, evaluate, score_prompt
+from unizoo.eval.geneval import CATEGORIES, STRICT_CATEGORIES, evaluate, score_prompt
 
 N = 500
 
@@ -32,9 +33,11 @@ def _truth(scene: Scene) -> list[DetectedObject]:
 def test_clean_images_score_perfectly(test_set):
     _, _, prompts, images = test_set
     result = evaluate(prompts, images)
-    assert set(result) == {*CATEGORIES, "overall", "n"} and result["n"] == N
+    assert set(result) == {*CATEGORIES, "overall", *STRICT_CATEGORIES, "strict_overall", "n"} and result["n"] == N
     assert result["overall"] >= 0.99, result  # measured: 1.0 at 32 and 64 px
     assert min(result[c] for c in CATEGORIES) >= 0.98, result
+    # Every clean image holds exactly its caption's objects, in its caption's relation.
+    assert all(result[c] == 1.0 for c in (*STRICT_CATEGORIES, "strict_overall")), result
 
 
 def test_detection_matches_ground_truth_on_test_images(test_set):
@@ -85,6 +88,39 @@ def test_shuffled_pairs_score_at_chance(test_set):
         assert abs(shuffled[key] - chance[key]) <= 0.02, (key, shuffled, chance)
     assert shuffled["overall"] <= 0.2, shuffled
     assert evaluate(prompts, images)["overall"] - shuffled["overall"] >= 0.8
+    # The strict scores leave chance almost nothing: an image drawn for another prompt holds exactly
+    # this prompt's objects only when both prompts ask for the same (~1 in 60 single prompts).
+    # Measured at 32 and 64 px: strict_overall 0.003 against overall 0.11; strict_single 0.007
+    # against single_object 0.45.
+    for key in (*STRICT_CATEGORIES, "strict_overall"):
+        assert abs(shuffled[key] - chance[key]) <= 0.02, (key, shuffled, chance)
+    assert shuffled["strict_overall"] <= 0.02 and shuffled["overall"] >= 5 * shuffled["strict_overall"], shuffled
+    assert shuffled["single_object"] - shuffled["strict_single"] >= 0.3, shuffled
+
+
+# One scene per prompt kind, drawn with one extra object that no prompt asks for (last in each tuple).
+_RED_SQUARE = ShapeObject("square", "red", 0.25, 0.2, 8 / 32)
+_BLUE_CIRCLE = ShapeObject("circle", "blue", 0.75, 0.2, 10 / 32)
+_EXTRA = ShapeObject("triangle", "yellow", 0.7, 0.75, 10 / 32)
+_WITH_EXTRA = {
+    "a red square": (_RED_SQUARE, _EXTRA),
+    "a red square and a blue circle": (_RED_SQUARE, _BLUE_CIRCLE, _EXTRA),
+    "two red squares": (_RED_SQUARE, ShapeObject("square", "red", 0.25, 0.55, 8 / 32), _EXTRA),
+    "a red square left of a blue circle": (_RED_SQUARE, _BLUE_CIRCLE, _EXTRA),
+}
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("prompt", list(_WITH_EXTRA))
+def test_one_extra_object_fails_strict_and_passes_geneval(prompt, size):
+    objects = _WITH_EXTRA[prompt]
+    with_extra = score_prompt(prompt, draw_scene(Scene("pair", objects, ""), size))
+    without = score_prompt(prompt, draw_scene(Scene("pair", objects[:-1], ""), size))
+    strict = [k for k in with_extra if k.startswith("strict_")]
+    assert len(strict) == 1 and len(with_extra) >= 2, with_extra
+    assert all(without.values()), without  # the requested objects alone pass everything
+    assert not with_extra[strict[0]], with_extra
+    assert all(ok for k, ok in with_extra.items() if k not in strict), with_extra
 
 
 def test_detection_on_hand_built_scene():
@@ -122,27 +158,37 @@ def test_score_prompt_categories_and_rules():
     blue_square = DetectedObject("square", "blue", 0.5, 0.8, 0.1)
     blue_circle = DetectedObject("circle", "blue", 0.8, 0.5, 0.1)
     objs = [red_circle, blue_square, blue_circle]
-    assert score_prompt("a red circle", objs) == {"single_object": True, "colors": True}
-    assert score_prompt("a green circle", objs) == {"single_object": True, "colors": False}
-    assert score_prompt("a red triangle", objs) == {"single_object": False, "colors": False}
-    assert score_prompt("a red circle and a blue square", objs) == {"two_objects": True, "color_attr": True}
+    # Three objects: every strict score fails (no prompt asks for exactly these three).
+    assert score_prompt("a red circle", objs) == {"single_object": True, "colors": True, "strict_single": False}
+    assert score_prompt("a green circle", objs) == {"single_object": True, "colors": False, "strict_single": False}
+    assert score_prompt("a red triangle", objs) == {"single_object": False, "colors": False, "strict_single": False}
+    assert score_prompt("a red circle and a blue square", objs) == {"two_objects": True, "color_attr": True, "strict_pair": False}
     # Colour attribution swapped: both shapes exist, but not with these colours.
-    assert score_prompt("a blue circle and a red square", objs) == {"two_objects": True, "color_attr": False}
-    assert score_prompt("two blue circles", objs) == {"counting": False}
+    assert score_prompt("a blue circle and a red square", objs) == {"two_objects": True, "color_attr": False, "strict_pair": False}
+    assert score_prompt("two blue circles", objs) == {"counting": False, "strict_count": False}
     with_two = [*objs, DetectedObject("circle", "blue", 0.2, 0.5, 0.1)]
-    assert score_prompt("two blue circles", with_two) == {"counting": True}
-    assert score_prompt("three blue circles", with_two) == {"counting": False}  # exactly n
-    assert score_prompt("a red circle above a blue square", objs) == {"position": True}
-    assert score_prompt("a red circle below a blue square", objs) == {"position": False}
-    assert score_prompt("a red circle left of a blue circle", objs) == {"position": True}
-    assert score_prompt("a blue circle right of a red circle", objs) == {"position": True}
-    assert score_prompt("a blue circle above a red square", objs) == {"position": False}  # no red square
+    assert score_prompt("two blue circles", with_two) == {"counting": True, "strict_count": False}
+    assert score_prompt("three blue circles", with_two) == {"counting": False, "strict_count": False}  # exactly n
+    assert score_prompt("a red circle above a blue square", objs) == {"position": True, "strict_relation": False}
+    assert score_prompt("a red circle below a blue square", objs) == {"position": False, "strict_relation": False}
+    assert score_prompt("a red circle left of a blue circle", objs) == {"position": True, "strict_relation": False}
+    assert score_prompt("a blue circle right of a red circle", objs) == {"position": True, "strict_relation": False}
+    assert score_prompt("a blue circle above a red square", objs) == {"position": False, "strict_relation": False}
+    # Exactly the requested objects: strict follows the GenEval rule of its kind.
+    pair = [red_circle, blue_square]
+    assert score_prompt("a red circle", [red_circle])["strict_single"]
+    assert score_prompt("a blue square and a red circle", pair)["strict_pair"]  # order of the phrases is free
+    assert not score_prompt("a blue circle and a red square", pair)["strict_pair"]  # colours swapped
+    assert score_prompt("two blue circles", [blue_circle, with_two[-1]])["strict_count"]
+    assert not score_prompt("a blue circle", [blue_circle, with_two[-1]])["strict_single"]  # one too many
+    assert score_prompt("a red circle above a blue square", pair) == {"position": True, "strict_relation": True}
+    assert score_prompt("a red circle below a blue square", pair) == {"position": False, "strict_relation": False}
 
 
 def test_evaluate_input_checks_and_category_subset():
     image = draw_scene(Scene("single", (ShapeObject("circle", "cyan", 0.5, 0.5, 0.3),), "a cyan circle"), 32)
     result = evaluate(["a cyan circle", "a cyan square"], [image, image])
-    assert result == {"single_object": 0.5, "colors": 0.5, "overall": 0.5, "n": 2}
+    assert result == {"single_object": 0.5, "colors": 0.5, "overall": 0.5, "strict_single": 0.5, "strict_overall": 0.5, "n": 2}
     with pytest.raises(ValueError, match="prompts"):
         evaluate(["a cyan circle"], [image, image])
     with pytest.raises(ValueError):

@@ -18,7 +18,13 @@ from unizoo.train import train
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     overrides = [*TINY_OVERRIDES, *STAGE_STEPS["generation"], f"run_root={tmp_path_factory.mktemp('runs')}"]
-    return train(compose_recipe("default", overrides))
+    logger = logging.getLogger("unizoo")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # as the CLI does, so train.log holds the evaluation lines
+    try:
+        return train(compose_recipe("default", overrides))
+    finally:
+        logger.setLevel(level)
 
 
 def test_run_directory_holds_everything(tiny_run):
@@ -28,9 +34,16 @@ def test_run_directory_holds_everything(tiny_run):
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     for phase in ("untrained", "generation"):
         assert 0.0 <= metrics[phase]["generation"]["overall"] <= 1.0
+        assert 0.0 <= metrics[phase]["generation"]["strict_overall"] <= 1.0
         assert metrics[phase]["generation"]["n"] == 4
         assert "understanding" not in metrics[phase]  # the default backbone has no vision encoder
     assert metrics["seconds_total"] > 0
+    # Chance levels of this run's data: all 64 val images, each against 5 other images' prompts.
+    chance = metrics["chance"]
+    assert chance["n"] == 64 * 5 and 0.0 <= chance["strict_overall"] <= chance["overall"] < 0.5
+    assert {"single_object", "counting", "position", "strict_single", "strict_relation"} <= set(chance)
+    logged = [line for line in (tiny_run / "train.log").read_text().splitlines() if "evaluation on 4 prompts" in line]
+    assert len(logged) == 2 and all("strict_overall" in line and "(chance " in line for line in logged), logged
     round_trip = metrics["representation"]
     assert 0.0 <= round_trip["round_trip"] <= 1.0 and round_trip["original"] == 1.0  # real images score perfectly
     assert 0.0 <= round_trip["random_features"] <= 1.0  # the floor: random tokens of the real ones' statistics

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from unizoo.eval.chance import format_scores
 from unizoo.images import save_grid
 from unizoo.model import UnifiedModel
 
@@ -25,6 +26,7 @@ class SampleEvaluation:
     steps: int | None = None  # None: the objective's default
     guidance: float | None = None
     seed: int = 0
+    chance: dict[str, float] | None = None  # the evaluator's chance levels, logged beside each score
 
     def __call__(self, model: UnifiedModel, grid_path: Path) -> dict[str, float]:
         start = time.perf_counter()
@@ -35,7 +37,7 @@ class SampleEvaluation:
             "evaluation on %d prompts (%.0f s): %s -> %s",
             len(self.prompts),
             time.perf_counter() - start,
-            ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)),
+            format_scores(scores, self.chance),
             grid_path,
         )
         return scores

@@ -6,7 +6,7 @@
         checkpoints/<stage>/   periodic checkpoints during a stage (last.ckpt is the newest)
         checkpoints/<stage>.ckpt   the weights at the end of each stage
         samples_<stage>.png    a grid of samples for the fixed val prompts
-        metrics.json           the evaluator's scores, untrained and after each stage
+        metrics.json           the evaluator's scores, untrained and after each stage, and their chance levels
         logs/                  CSV logs of the losses
 """
 

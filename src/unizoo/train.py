@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from unizoo.build import build_model
+from unizoo.eval.chance import CHANCE_IMAGES, chance_levels, format_scores
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
 from unizoo.model import UnifiedModel
 from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, new_run_dir, stage_checkpoint, write_metrics
@@ -49,9 +50,13 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
         model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
         log.info("strategy %s: %s", strategy.name, ", ".join(f"{s.name} ({s.steps} steps)" for s in stages))
 
-        evaluate = _evaluations(recipe, datamodule, model, run_dir)
+        with torch.random.fork_rng(devices=[]):  # reading val images must not move training's random stream
+            images, captions = first_items(datamodule.val_dataloader(), CHANCE_IMAGES)
+        chance = chance_levels(instantiate(recipe.evaluator), captions, images)
+        log.info("chance levels (%d val images scored against other images' prompts): %s", len(captions), format_scores(chance))
+        evaluate = _evaluations(recipe, datamodule, model, run_dir, chance)
         start = "untrained" if not recipe.init_checkpoint else "start"
-        metrics = {"recipe": recipe.name, "run_dir": str(run_dir)}
+        metrics = {"recipe": recipe.name, "run_dir": str(run_dir), "chance": chance}
         # The ceiling any generator of this representation can reach: frozen, so measured once.
         images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
         metrics["representation"] = RoundTripEvaluation(images, captions, instantiate(recipe.evaluator))(model.representation, run_dir / "round_trip.png")
@@ -117,7 +122,7 @@ def _load_weights(model: UnifiedModel, checkpoint: str) -> None:
     log.info("weights from %s", path)
 
 
-def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: Path):
+def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: Path, chance: dict):
     """`evaluate(phase) -> scores`: samples scored, and captions scored where the backbone reads images."""
     generation = SampleEvaluation(
         prompts=datamodule.prompts("val", recipe.evaluation.prompts),
@@ -125,6 +130,7 @@ def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: P
         steps=recipe.evaluation.steps,
         guidance=recipe.evaluation.guidance,
         seed=recipe.evaluation.seed,
+        chance=chance,
     )
     understanding = None
     if model.backbone.understands_images:

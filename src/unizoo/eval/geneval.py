@@ -3,6 +3,13 @@
 Each prompt counts for the categories of its kind (single -> single_object + colors,
 pair -> two_objects + color_attr, count -> counting, relation -> position). ``overall`` is the
 mean of the per-category accuracies, as in GenEval, so frequent kinds do not dominate it.
+
+The GenEval categories allow extra objects and ask only that *some* detection matches, which an
+image drawn without looking at the prompt often satisfies (three shapes, six colours). Beside
+them, each prompt also counts for the strict score of its kind (``strict_single``, ``strict_pair``,
+``strict_count``, ``strict_relation``): the image holds exactly the requested objects (shape,
+colour, number) and nothing else, and for relations the relation holds as well.
+``strict_overall`` is the mean of the strict accuracies.
 """
 
 from __future__ import annotations
@@ -13,13 +20,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from unizoo.data.captions import ObjectSpec, parse_caption
+from unizoo.data.captions import ObjectSpec, PromptSpec, parse_caption
+from unizoo.data.shapes import KINDS
 from unizoo.eval.detect import DetectedObject, detect_objects
 
 CATEGORIES: tuple[str, ...] = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 # Minimum centroid separation (fraction of the image side) along the named axis for a relation
 # to hold; small, so any visible offset counts, but bigger than the centroid jitter of blotchy shapes.
 POSITION_MARGIN = 0.05
+# One strict score per prompt kind: strict_single, strict_pair, strict_count, strict_relation.
+STRICT_CATEGORIES: tuple[str, ...] = tuple(f"strict_{kind}" for kind in KINDS)
 
 
 def _holds(relation: str, a: DetectedObject, b: DetectedObject) -> bool:
@@ -45,13 +55,40 @@ def _has(objects: list[DetectedObject], wanted: list[ObjectSpec], use_colour: bo
     return all(have[k] >= n for k, n in need.items())
 
 
+def _exactly(objects: list[DetectedObject], wanted: list[ObjectSpec]) -> bool:
+    """Whether the detections are exactly the wanted objects (shape, colour, number), nothing more."""
+    need = Counter()
+    for spec in wanted:
+        need[(spec.shape, spec.colour)] += spec.count
+    return Counter((o.shape, o.colour) for o in objects) == need
+
+
+def _related(objects: list[DetectedObject], spec: PromptSpec) -> bool:
+    """Whether some detection of the first object stands in the prompt's relation to one of the second."""
+    sa, sb = spec.objects
+    cand_a = [o for o in objects if (o.shape, o.colour) == (sa.shape, sa.colour)]
+    cand_b = [o for o in objects if (o.shape, o.colour) == (sb.shape, sb.colour)]
+    return any(_holds(spec.relation, a, b) for a in cand_a for b in cand_b if a is not b)
+
+
 def score_prompt(prompt: str, image) -> dict[str, bool]:
-    """Per-category correctness of one image for one prompt.
+    """Per-category correctness of one image for one prompt: its kind's GenEval categories and strict score.
 
     ``image``: anything ``detect_objects`` accepts, or an already detected ``list[DetectedObject]``.
     """
     spec = parse_caption(prompt)
     objects = image if isinstance(image, list) else detect_objects(image)
+    return {**_geneval(spec, objects), f"strict_{spec.kind}": _strict(spec, objects)}
+
+
+def _strict(spec: PromptSpec, objects: list[DetectedObject]) -> bool:
+    exact = _exactly(objects, list(spec.objects))
+    if spec.kind == "relation":
+        return exact and _related(objects, spec)
+    return exact
+
+
+def _geneval(spec: PromptSpec, objects: list[DetectedObject]) -> dict[str, bool]:
     wanted = list(spec.objects)
     if spec.kind == "single":
         return {"single_object": _has(objects, wanted, False), "colors": _has(objects, wanted, True)}
@@ -62,11 +99,7 @@ def score_prompt(prompt: str, image) -> dict[str, bool]:
         n = sum(o.shape == want.shape and o.colour == want.colour for o in objects)
         return {"counting": n == want.count}
     if spec.kind == "relation":
-        sa, sb = spec.objects
-        cand_a = [o for o in objects if (o.shape, o.colour) == (sa.shape, sa.colour)]
-        cand_b = [o for o in objects if (o.shape, o.colour) == (sb.shape, sb.colour)]
-        ok = any(_holds(spec.relation, a, b) for a in cand_a for b in cand_b if a is not b)
-        return {"position": ok}
+        return {"position": _related(objects, spec)}
     raise ValueError(f"unknown prompt kind {spec.kind!r}")
 
 
@@ -78,7 +111,8 @@ def _as_images(images) -> Sequence:
 
 
 def evaluate(prompts: list[str], images) -> dict[str, float]:
-    """Accuracy per present category, ``overall`` (mean of those accuracies) and ``n`` (number of prompts).
+    """Accuracy per present category, ``overall`` (mean of those accuracies), the same for the strict
+    scores with ``strict_overall``, and ``n`` (number of prompts).
 
     ``images``: a sequence of images (see ``detect_objects``), a float tensor [N, 3, H, W] in [-1, 1]
     or a uint8 array [N, H, W, 3], aligned with ``prompts``.
@@ -86,11 +120,13 @@ def evaluate(prompts: list[str], images) -> dict[str, float]:
     images = _as_images(images)
     if len(prompts) != len(images):
         raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
-    hits: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
+    hits: dict[str, list[bool]] = {c: [] for c in (*CATEGORIES, *STRICT_CATEGORIES)}
     for prompt, image in zip(prompts, images):
         for cat, ok in score_prompt(prompt, image).items():
             hits[cat].append(ok)
-    result = {c: float(np.mean(v)) for c, v in hits.items() if v}
-    result["overall"] = float(np.mean(list(result.values()))) if result else 0.0
+    result: dict[str, float] = {}
+    for categories, overall in ((CATEGORIES, "overall"), (STRICT_CATEGORIES, "strict_overall")):
+        scores = {c: float(np.mean(hits[c])) for c in categories if hits[c]}
+        result.update(scores, **{overall: float(np.mean(list(scores.values()))) if scores else 0.0})
     result["n"] = len(prompts)
     return result
