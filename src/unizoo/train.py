@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from unizoo.build import build_model
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
 from unizoo.model import UnifiedModel
+from unizoo.recipe_types import check_recipe_types
 from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, new_run_dir, stage_checkpoint, write_metrics
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
 def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
     """Train every stage of `recipe`'s strategy, evaluating before and after; returns the run directory."""
     started = time.perf_counter()
+    check_recipe_types(recipe)  # a wrong-typed value is named before anything is built
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     # Build first: a recipe that does not build leaves no empty run directory behind.
     datamodule = instantiate(recipe.data, _convert_="all")
