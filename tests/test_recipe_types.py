@@ -120,3 +120,10 @@ def test_cli_exits_2_naming_the_key(tiny_overrides, tmp_path, capsys):
     assert "data.image_size must be an integer (32 or 64 for the shapes data), got 'abc'" in err
     assert "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # nothing was built or written
+
+
+def test_the_recipes_own_top_level_values_are_checked():
+    with pytest.raises(RecipeTypeError) as error:
+        check_recipe_types(compose_recipe("default", ["progress_interval=often", "evaluation.prompts=all"]))
+    assert str(error.value) == ("progress_interval must be a number (seconds), got 'often'; "
+                                "evaluation.prompts must be an integer, got 'all'.")

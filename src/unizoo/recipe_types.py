@@ -33,7 +33,7 @@ import types
 import typing
 from enum import Enum
 from functools import lru_cache
-from typing import Annotated, Any, Callable, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, Literal, TypedDict, Union, get_args, get_origin
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -59,9 +59,31 @@ class ArgumentsOf:
         object.__setattr__(self, "hints", tuple(hints.items()))
 
 
+class EvaluationSettings(TypedDict, total=False):
+    prompts: int
+    captions: int
+    steps: int | None
+    guidance: float | None
+    seed: int
+
+
+class RecipeSettings(TypedDict, total=False):
+    """The recipe's own top-level values (read by `unizoo.train`), checked like a component's arguments."""
+
+    name: str
+    seed: int
+    run_root: str
+    progress_interval: Annotated[float, "seconds"]
+    warmup_steps: int
+    start_stage: str | None
+    init_checkpoint: str | None
+    evaluation: EvaluationSettings
+
+
 def check_recipe_types(recipe: DictConfig) -> None:
     """Raise `RecipeTypeError` if any value of `recipe` does not fit the type its component declares."""
     errors: dict[str, str] = {}
+    _check_arguments(recipe, _nested_parameters(RecipeSettings), errors)
     _walk(recipe, errors)
     if errors:
         raise RecipeTypeError("; ".join(errors.values()) + ".")
