@@ -108,8 +108,8 @@ def _check_arguments(node: DictConfig, parameters: dict[str, tuple[Any, str]], e
         if key in _META_KEYS or key not in parameters:
             continue
         child = _source(node._get_node(key))
-        if child is None:
-            continue
+        if child is None or child._is_missing():
+            continue  # a value still to be given (???): Hydra names it when it is read
         name = child._get_full_key(None)
         if isinstance(child, DictConfig) and not child._is_none() and "_target_" in child:
             continue  # built by its own target, checked as a node of its own
@@ -118,9 +118,12 @@ def _check_arguments(node: DictConfig, parameters: dict[str, tuple[Any, str]], e
         if nested is not None and isinstance(child, DictConfig) and not child._is_none():
             _check_arguments(child, nested, errors)
             continue
-        value = OmegaConf.to_container(child, resolve=True) if isinstance(child, (DictConfig, ListConfig)) else child._value()
-        if isinstance(child, (DictConfig, ListConfig)) and child._is_none():
+        if child._is_none():
             value = None
+        elif isinstance(child, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(child, resolve=True)
+        else:
+            value = child._value()
         if not _fits(value, expected) and name not in errors:
             wanted = describe(expected) + (f" ({hint})" if hint else "")
             errors[name] = f"{name} must be {wanted}, got {value!r}"
