@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import lightning as L
 import timm
@@ -28,8 +28,11 @@ from transformers import AutoConfig, AutoModel, CLIPModel, CLIPVisionModel
 from unizoo.components.representations.pixel_decoder import PixelDecoder
 from unizoo.data.signature import data_signature
 from unizoo.pretraining.cache import cached_directory
+from unizoo.recipe_types import ArgumentsOf
 from unizoo.weights import local_weights
-from unizoo.pretraining.clip import CLIP_MEAN, CLIP_STD, clip_tokenizer, preprocess, save_clip, tiny_clip_config, train_clip
+from unizoo.pretraining.clip import (
+    CLIP_MEAN, CLIP_STD, TinyCLIPOverrides, clip_tokenizer, preprocess, save_clip, tiny_clip_config, train_clip,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +84,9 @@ class CLIPRepresentation(nn.Module):
         pool_to: int | None = None,
         normalize: str | bool = "channel",
         feature_layer: int = -1,
-        clip: dict[str, Any] | None = None,
-        pretraining: dict[str, Any] | None = None,
-        decoder: dict[str, Any] | None = None,
+        clip: TinyCLIPOverrides | None = None,
+        pretraining: Annotated[dict[str, Any] | None, ArgumentsOf(train_clip)] = None,
+        decoder: Annotated[dict[str, Any] | None, ArgumentsOf(PixelDecoder)] = None,
     ) -> None:
         super().__init__()
         self.image_size, self.tower, self.pretrained = image_size, tower, pretrained

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import lightning as L
 import torch
@@ -23,6 +23,7 @@ from unizoo.components.objectives.flow_matching import FlowMatching
 from unizoo.components.representations.vae import VAERepresentation
 from unizoo.pretraining.cache import cached_directory
 from unizoo.pretraining.pixel_decoder import train_pixel_decoder
+from unizoo.recipe_types import ArgumentsOf
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,9 @@ class PixelDecoder(nn.Module):
         self,
         feature_shape: tuple[int, int],
         vae: VAERepresentation | dict[str, Any] | None = None,
-        generator: dict[str, Any] | None = None,
-        objective: dict[str, Any] | None = None,
-        training: dict[str, Any] | None = None,
+        generator: Annotated[dict[str, Any] | None, ArgumentsOf(dit, aligned_condition=bool | Literal["auto"])] = None,
+        objective: Annotated[dict[str, Any] | None, ArgumentsOf(FlowMatching)] = None,
+        training: Annotated[dict[str, Any] | None, ArgumentsOf(train_pixel_decoder)] = None,
         image_size: int = 32,
     ) -> None:
         """`vae`: the representation whose latents it generates (a recipe's `vae` arrives built), or its

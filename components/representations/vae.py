@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import lightning as L
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 from unizoo.data.signature import data_signature
 from unizoo.pretraining.autoencoder import fit_latent_normalisation, train_autoencoder
 from unizoo.pretraining.cache import cached_directory
+from unizoo.recipe_types import ArgumentsOf
 from unizoo.weights import local_weights
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,9 @@ class VAERepresentation(nn.Module):
         self,
         image_size: int = 32,
         patch_size: int = 1,
-        autoencoder: dict[str, Any] | None = None,
+        autoencoder: Annotated[dict[str, Any] | None, ArgumentsOf(AutoencoderKL)] = None,
         pretrained: str | None = None,
-        pretraining: dict[str, Any] | None = None,
+        pretraining: Annotated[dict[str, Any] | None, ArgumentsOf(train_autoencoder)] = None,
     ) -> None:
         super().__init__()
         if pretrained is not None:

@@ -69,10 +69,12 @@ def command_train(args: argparse.Namespace) -> int:
 def command_sample(args: argparse.Namespace) -> int:
     from unizoo.images import save_grid, save_images
     from unizoo.runs import load_run
+    from unizoo.vocabulary import run_vocabulary, warn_unknown_words
 
     if args.n < 1 or (args.steps is not None and args.steps < 1):
         raise UsageError(f"--n and --steps must be at least 1 (got --n {args.n}, --steps {args.steps})")
     _, model = load_run(args.run_dir, args.checkpoint)
+    warn_unknown_words(model.backbone.tokenizer, [args.prompt], run_vocabulary(args.run_dir))
     prompts = [args.prompt] * args.n
     images = model.generate(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed)
     slug = re.sub(r"[^a-z0-9]+", "_", args.prompt.lower()).strip("_")[:60] or "prompt"

@@ -18,7 +18,10 @@ from unizoo.build import build_model
 from unizoo.eval.chance import CHANCE_IMAGES, chance_levels, format_scores
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
 from unizoo.model import UnifiedModel
+from unizoo.progress import PlainProgress
+from unizoo.recipe_types import check_recipe_types
 from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, new_run_dir, stage_checkpoint, write_metrics
+from unizoo.vocabulary import run_vocabulary, warn_unknown_words
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,7 @@ warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
 def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
     """Train every stage of `recipe`'s strategy, evaluating before and after; returns the run directory."""
     started = time.perf_counter()
+    check_recipe_types(recipe)  # a wrong-typed value is named before anything is built
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     # Build first: a recipe that does not build leaves no empty run directory behind.
     datamodule = instantiate(recipe.data, _convert_="all")
@@ -79,7 +83,8 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
                         auto_insert_metric_name=False,
                         every_n_train_steps=max(1, min(500, stage.steps)),
                         save_last=True,
-                    )
+                    ),
+                    PlainProgress(stage.name, recipe.progress_interval, run_dir / "train.log"),  # when output is not a terminal
                 ],
             )
             trainer.fit(model, datamodule=datamodule)
@@ -124,8 +129,10 @@ def _load_weights(model: UnifiedModel, checkpoint: str) -> None:
 
 def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: Path, chance: dict):
     """`evaluate(phase) -> scores`: samples scored, and captions scored where the backbone reads images."""
+    prompts = datamodule.prompts("val", recipe.evaluation.prompts)
+    warn_unknown_words(model.backbone.tokenizer, prompts, run_vocabulary(run_dir))
     generation = SampleEvaluation(
-        prompts=datamodule.prompts("val", recipe.evaluation.prompts),
+        prompts=prompts,
         evaluator=instantiate(recipe.evaluator),
         steps=recipe.evaluation.steps,
         guidance=recipe.evaluation.guidance,
@@ -135,6 +142,7 @@ def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: P
     understanding = None
     if model.backbone.understands_images:
         images, truth = first_items(datamodule.val_dataloader(), recipe.evaluation.captions)
+        warn_unknown_words(model.backbone.tokenizer, truth, run_vocabulary(run_dir), what="reference caption")
         understanding = CaptionEvaluation(images, truth, instantiate(recipe.understanding_evaluator))
 
     def evaluate(phase: str) -> dict:

@@ -7,6 +7,7 @@ no storage, identical across processes, workers and runs.
 from __future__ import annotations
 
 import inspect
+from typing import Annotated
 
 import lightning as L
 import numpy as np
@@ -49,7 +50,7 @@ class ShapesDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        image_size: int = 32,
+        image_size: Annotated[int, "32 or 64 for the shapes data"] = 32,
         batch_size: int = 64,
         train_size: int = 50_000,
         val_size: int = 1_000,

@@ -13,16 +13,17 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 import torch
 from tokenizers import processors
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from unizoo.pretraining.batches import endless
+from unizoo.recipe_types import ArgumentsOf
 from unizoo.schedules import warmup_cosine
 from unizoo.text import word_level_tokenizer
 
@@ -59,8 +60,16 @@ def clip_tokenizer(vocabulary: Iterable[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+class TinyCLIPOverrides(TypedDict, total=False):
+    """What a recipe may change of `TINY_CLIP` (recipes/clip/): transformers config fields per tower."""
+
+    vision: Annotated[dict[str, Any], ArgumentsOf(CLIPVisionConfig)]
+    text: Annotated[dict[str, Any], ArgumentsOf(CLIPTextConfig)]
+    projection_dim: int
+
+
 def tiny_clip_config(
-    image_size: int, overrides: dict[str, Any] | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+    image_size: int, overrides: TinyCLIPOverrides | None = None, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> CLIPConfig:
     """`TINY_CLIP` updated by `overrides` ({"vision": {...}, "text": {...}, "projection_dim": ...}).
 
