@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Literal
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -53,7 +54,7 @@ class FlowMatching(nn.Module):
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         condition_dropout: float = 0.1,
-        shift: float | str = 1.0,
+        shift: float | Literal["auto"] = 1.0,
         shift_base_dim: int = SHIFT_BASE_DIM,
         num_train_timesteps: int = 1000,
         sample_steps: int = 30,

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import lightning as L
 import timm
@@ -82,7 +82,7 @@ class CLIPRepresentation(nn.Module):
         timm_model: str | None = None,
         timm_kwargs: dict[str, Any] | None = None,
         pool_to: int | None = None,
-        normalize: str | bool = "channel",
+        normalize: Literal["channel", "scalar", "none"] | bool = "channel",
         feature_layer: int = -1,
         clip: TinyCLIPOverrides | None = None,
         pretraining: Annotated[dict[str, Any] | None, ArgumentsOf(train_clip)] = None,
