@@ -118,6 +118,8 @@ def test_a_killed_study_resumes_without_retraining_and_reports_a_broken_cell(tmp
             assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the first variant did not finish in time"
             time.sleep(0.2)
+        # The report so far is written after each variant, while the next one trains.
+        assert "1 of 3 variants done" in (out / "results.md").read_text()
         finished = folders["generation"] / "run" / "metrics.json"
         finished_mtime, finished_status = finished.stat().st_mtime_ns, read_status(folders["generation"])
         killed_pid = read_status(folders["joint"])["pid"]
@@ -155,6 +157,50 @@ def test_a_cell_whose_recipe_does_not_compose_fails_alone_without_a_job(tmp_path
     status = read_status(out / "variants" / "mse-seed0")
     assert status["state"] == FAILED and status["error"].startswith("RecipeError") and "no_such_key" in status["error"]
     assert not (out / "variants" / "mse-seed0" / "job.json").exists()
+
+
+# ------------------------------------------------------------------ the table, from any metrics
+
+
+def fake_variant(out, variant, overall, strict, fid, state="done"):
+    """A finished variant's folder as train() and run_variant() leave it, with made-up scores."""
+    folder = out / "variants" / variant.name
+    (folder / "run").mkdir(parents=True)
+    (folder / "status.json").write_text(json.dumps({"state": state, "error": "ValueError: boom" if state == "failed" else None}))
+    scores = lambda o, s, f: {"generation": {"overall": o, "strict_overall": s, "n": 256}, "fid": f}  # noqa: E731
+    training = {"generation": {"steps": 10, "train_seconds": 60.0, "images_per_s": 100.0, "trainable_params": 10, "total_params": 20}}
+    (folder / "run" / "metrics.json").write_text(json.dumps({
+        "untrained": scores(0.1, 0.0, 300.0), "generation": scores(overall, strict, fid), "training": training,
+        "curve": [{"steps": 0, "train_seconds": 0, **scores(0.1, 0.0, 300.0)}, {"steps": 10, "train_seconds": 60.0, **scores(overall, strict, fid)}],
+    }))
+
+
+def test_every_float_an_evaluator_returns_reaches_the_tables(tmp_path):
+    from unizoo.studies.report import write_report  # noqa: PLC0415
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"axes": [{"group": "objective", "choices": {"mse": [], "flow_matching": []}}], "seeds": 2},
+                                   sort_keys=False))
+    study = load_study(path)
+    variants = study.variants()
+    out = tmp_path / "study"
+    scores = {("mse", 0): (0.30, 0.05, 50.0), ("mse", 1): (0.34, 0.07, 54.0),
+              ("flow_matching", 0): (0.50, 0.20, 20.0), ("flow_matching", 1): (0.54, 0.22, 30.0)}
+    for variant in variants:
+        fake_variant(out, variant, *scores[(variant.cell.name, variant.seed)])
+    written = write_report(out, study, variants)
+    table = rows(out)
+    # strict_overall is no key the study code knows: it flows through as it is.
+    assert [(r["variant"], r["seed"], r["strict_overall"], r["untrained_strict_overall"]) for r in table][:2] == [
+        ("mse", "0", "0.05", "0"), ("flow_matching", "0", "0.2", "0")]
+    assert "n" not in table[0]  # counts are not scores
+    markdown = (out / "results.md").read_text()
+    # Mean +- sample std over two seeds; the best mean in bold: highest score, lowest FID.
+    assert "| flow_matching | 2/2 | **0.520 ± 0.028** |" in markdown
+    assert "| mse | 2/2 | 0.320 ± 0.028 |" in markdown
+    assert "**0.210 ± 0.014**" in markdown and "**25.00 ± 7.07**" in markdown and "52.00 ± 2.83" in markdown
+    assert "strict overall" in markdown
+    assert {"csv", "markdown", "overall_vs_steps", "overall_vs_time", "fid"} <= set(written)
 
 
 # ------------------------------------------------------------------ the grid, seeds and bad input

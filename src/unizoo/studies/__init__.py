@@ -1,5 +1,6 @@
 """`unizoo study`: run a grid of recipes (`unizoo.study`), one job per variant, and compare them.
 
+    command.py   the `unizoo study` command line
     launcher.py  submitit executors (local or SLURM) from the launcher settings
     status.py    the status file each variant keeps: what a re-run skips or repeats
     variant.py   the job: train one variant in a process of its own

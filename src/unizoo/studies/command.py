@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
+import sys
 from pathlib import Path
 
 DEFAULT_STUDY = "design_space"
@@ -18,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the study's `seeds`)")
     parser.add_argument("--jobs", type=int, default=None, help="variants in flight at once (default 1 locally, all on SLURM)")
     parser.add_argument("--out", type=Path, default=None, help=f"the study folder (default {DEFAULT_ROOT}/<study>)")
+    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides every variant gets after the study's own, e.g. strategy.generation_steps=50")
     parser.add_argument("--report", action="store_true", help="only rewrite the report from the variants already run")
     group = parser.add_argument_group("launcher (defaults: the study file's `launcher:` block)")
     group.add_argument("--launcher", choices=("local", "slurm"), default=None, help="where variants run (default local)")
@@ -37,6 +41,8 @@ def command_line(args: argparse.Namespace) -> str:
     parts = ["unizoo", "study", args.study]
     if args.select:
         parts += ["--select", *args.select]
+    if args.override:
+        parts += ["--override", *args.override]
     for option in ("seeds", "jobs", "out", "launcher", "partition", "gpus_per_variant", "time_min", "cpus_per_task",
                    "mem_gb", "account", "qos"):
         value = getattr(args, option)
@@ -55,6 +61,8 @@ def command_study(args: argparse.Namespace) -> int:
 
     try:
         study = load_study(args.study)
+        if args.override:
+            study = dataclasses.replace(study, common=(*study.common, *args.override))
         select = study.parse_select(args.select)
         if args.seeds is not None and args.seeds < 1:
             raise StudyError(f"--seeds must be at least 1, got {args.seeds}")
@@ -67,18 +75,21 @@ def command_study(args: argparse.Namespace) -> int:
     except (StudyError, LauncherError) as error:
         raise UsageError(str(error)) from None
     out = args.out or DEFAULT_ROOT / study.name
-    if args.report:
+    if args.report:  # no lock: it only reads the variants, so it also works while the study runs
         from unizoo.studies.report import write_report  # noqa: PLC0415
-        from unizoo.studies.runner import study_lock  # noqa: PLC0415
 
-        with study_lock(out):
-            for path in write_report(out, study, variants).values():
-                print(path)
+        if not out.is_dir():
+            raise UsageError(f"--report: {out} is no study folder (give the --out of the study)")
+        for path in write_report(out, study, variants).values():
+            print(path)
         return 0
     try:
         outcome = run_study(study, variants, out, launcher, command_line(args))
     except (StudyBusy, LauncherError) as error:
         raise UsageError(str(error)) from None
+    except KeyboardInterrupt:
+        print(f"interrupted: run the same command again to resume ({out})", file=sys.stderr)
+        return 130
     for path in outcome.report.values():
         print(path)
     if outcome.failed:

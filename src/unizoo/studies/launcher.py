@@ -71,6 +71,14 @@ class LauncherSettings:
         if self.kind == "local" and cluster_only:
             raise LauncherError(f"{', '.join(cluster_only)} only apply to --launcher slurm (the local launcher runs on this machine)")
 
+    def require_available(self) -> None:
+        """Fail before anything runs where the launcher cannot work here."""
+        if self.kind == "slurm" and submitit.SlurmExecutor.affinity() < 0:
+            raise LauncherError(
+                "--launcher slurm needs SLURM's srun and sbatch on PATH (none found); run `unizoo study` on a "
+                "cluster's login node, or use --launcher local"
+            )
+
     def replace(self, **values: Any) -> LauncherSettings:
         return dataclasses.replace(self, **values)
 

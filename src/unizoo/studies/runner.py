@@ -170,6 +170,7 @@ def run_study(
     """Train every variant that is not done, then write the report; returns what happened."""
     out = Path(out)
     outcome = Outcome()
+    launcher.require_available()
     with study_lock(out):
         with open(out / COMMAND_FILE, "a") as handle:
             handle.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n{command}\n")
@@ -203,7 +204,13 @@ def run_study(
             while todo and len(running) < in_flight_max:
                 index, plan = todo.pop(0)
                 slot = free_slots.pop(0) if free_slots else 0
-                job = _submit(study, plan, launcher, slot, grid_prompts)
+                try:
+                    job = _submit(study, plan, launcher, slot, grid_prompts)
+                except Exception as error:  # noqa: BLE001 - e.g. sbatch refused it: the others still go
+                    free_slots.append(slot)
+                    outcome.failed[plan.variant.name] = write_status(plan.folder, FAILED, error=error_line(error))["error"]
+                    meter.line(index, "FAILED", plan.variant.name, f": not submitted: {outcome.failed[plan.variant.name]}")
+                    continue
                 running[plan.variant.name] = (index, plan, job, time.monotonic(), slot)
                 meter.line(index, "start", plan.variant.name, f" ({plan.steps} steps, job {job.job_id})")
             finished = [name for name, (_, _, job, _, _) in running.items() if job.done()]
@@ -222,6 +229,8 @@ def run_study(
                 else:
                     outcome.failed[name] = status.get("error") or "failed"
                     meter.line(index, "FAILED", name, f" after {seconds / 60:.1f} min: {outcome.failed[name]}")
+            if finished and (todo or running):
+                _interim_report(out, study, variants, progress)
             if running and not finished:
                 time.sleep(poll_s)
         outcome.report = write_report(out, study, variants)
@@ -239,6 +248,14 @@ def _submit(study: Study, plan: _Plan, launcher: LauncherSettings, slot: int, gr
     job = launcher.executor(plan.folder / SUBMITIT_DIR, plan.variant.name, slot).submit(run_variant, spec)
     (plan.folder / JOB_FILE).write_text(json.dumps({"launcher": launcher.kind, "job_id": str(job.job_id)}))
     return job
+
+
+def _interim_report(out: Path, study: Study, variants: list[Variant], progress) -> None:
+    """The report so far, after each variant: a long study can be read while it runs."""
+    try:
+        write_report(out, study, variants)
+    except Exception as error:  # noqa: BLE001 - a report problem must not stop the training
+        progress(f"the interim report failed ({error_line(error)}); it is written again at the end")
 
 
 def _settle(plan: _Plan, job) -> dict:
