@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
 
 from conftest import STAGE_STEPS, TINY_OVERRIDES
 from unizoo.composition import compose_recipe
+from unizoo.periodic_evaluation import EvaluationCurve
 from unizoo.train import train
 
 SEQUENTIAL = [*TINY_OVERRIDES, "strategy=sequential", *STAGE_STEPS["sequential"]]
@@ -66,3 +68,15 @@ def test_evaluating_during_training_does_not_change_the_weights(runs):
     plain_metrics = json.loads((plain / "metrics.json").read_text())
     assert [p["phase"] for p in plain_metrics["curve"]] == ["untrained", "understanding", "generation"]
     assert "fid" not in plain_metrics["generation"]  # off unless the recipe asks
+
+
+def test_the_callback_travels_to_spawned_workers_without_the_evaluation():
+    # trainer=ddp_cpu spawns workers with a pickled trainer: the callback must pickle, and
+    # its copy must not try to evaluate (the curve and the model stay in the launching process).
+    curve = EvaluationCurve(lambda phase, full: {"generation": {"overall": 1.0}})
+    (callback,) = curve.callbacks("generation", 5)
+    copy = pickle.loads(pickle.dumps(callback))
+    assert copy.curve is None and copy.every_n_steps == 5 and callback.curve is curve
+    assert curve.callbacks("generation", None) == []
+    with pytest.raises(ValueError, match="every_n_steps must be at least 1"):
+        curve.callbacks("generation", -1)

@@ -38,7 +38,11 @@ class UsageError(Exception):
 def _setup_logging() -> None:
     # Only unizoo's own logger: Lightning and transformers keep their own handlers,
     # and a root handler would print their lines twice.
+    # One console handler, on the current stderr, however often main() runs in a process (tests, studies).
+    for old in [h for h in log.handlers if getattr(h, "unizoo_console", False)]:
+        log.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
+    handler.unizoo_console = True
     handler.setFormatter(logging.Formatter("[unizoo] %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)

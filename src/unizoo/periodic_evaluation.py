@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,13 @@ class PeriodicEvaluation(Callback):
         # Spawned DDP workers get a pickled copy of the trainer: the curve (and the model
         # its evaluation holds) stays in the launching process, which evaluates after fit().
         return {**self.__dict__, "curve": None}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.curve is None:
+            rank_zero_warn(
+                f"evaluation.every_n_steps={self.every_n_steps}: this stage trains in spawned DDP workers, which "
+                "cannot reach the run's evaluation; it is evaluated after the stage only"
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -67,6 +67,8 @@ class LauncherSettings:
                 raise LauncherError(f"launcher {name} must be a whole number of at least 1, got {value!r}")
         if not isinstance(self.gpus_per_variant, int) or self.gpus_per_variant < 0:
             raise LauncherError(f"launcher gpus_per_variant must be 0 (CPU) or more, got {self.gpus_per_variant!r}")
+        if self.mem_gb is not None and not (isinstance(self.mem_gb, (int, float)) and self.mem_gb > 0):
+            raise LauncherError(f"launcher mem_gb must be a positive number of gigabytes, got {self.mem_gb!r}")
         cluster_only = [n for n in ("partition", "cpus_per_task", "mem_gb", "account", "qos") if getattr(self, n) is not None]
         if self.kind == "local" and cluster_only:
             raise LauncherError(f"{', '.join(cluster_only)} only apply to --launcher slurm (the local launcher runs on this machine)")
