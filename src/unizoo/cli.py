@@ -4,6 +4,7 @@
     unizoo recipe [NAME] [overrides ...]
     unizoo sample RUN_DIR --prompt "two red circles" [--n 8 --steps 30 --guidance 3]
     unizoo caption RUN_DIR IMAGE [IMAGE ...]
+    unizoo study [STUDY] [--select AXIS=A,B] [--seeds N] [--jobs N] [--out DIR] [--launcher local|slurm]
     unizoo bench [attention|peer|all] [--quick] [...]   (from a source checkout)
 
 Mistakes in a recipe, a path or an argument exit with status 2 and one paragraph
@@ -22,6 +23,8 @@ from pathlib import Path
 from hydra.errors import InstantiationException
 
 from unizoo.composition import RecipeError, compose_recipe, split_recipe_override
+from unizoo.studies.command import add_arguments as add_study_arguments
+from unizoo.studies.command import command_study
 
 log = logging.getLogger("unizoo")
 
@@ -35,7 +38,11 @@ class UsageError(Exception):
 def _setup_logging() -> None:
     # Only unizoo's own logger: Lightning and transformers keep their own handlers,
     # and a root handler would print their lines twice.
+    # One console handler, on the current stderr, however often main() runs in a process (tests, studies).
+    for old in [h for h in log.handlers if getattr(h, "unizoo_console", False)]:
+        log.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
+    handler.unizoo_console = True
     handler.setFormatter(logging.Formatter("[unizoo] %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -150,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("images", nargs="+", type=Path, help="image files (any size; resized to the run's image size)")
     caption.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint other than the last stage's")
     caption.set_defaults(run=command_caption)
+
+    study = commands.add_parser("study", help="train a grid of recipes (recipes/studies/), one job per variant, and compare them")
+    add_study_arguments(study)
+    study.set_defaults(run=command_study)
 
     bench = commands.add_parser("bench", help="throughput benchmarks (python -m benchmarks.run --help lists the options)")
     bench.add_argument("arguments", nargs=argparse.REMAINDER, help="[attention|peer|all] [--quick] [--out DIR] ...")

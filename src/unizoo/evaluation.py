@@ -27,18 +27,29 @@ class SampleEvaluation:
     guidance: float | None = None
     seed: int = 0
     chance: dict[str, float] | None = None  # the evaluator's chance levels, logged beside each score
+    grid_size: int = 64  # prompts shown in the sample grid (all are scored)
 
-    def __call__(self, model: UnifiedModel, grid_path: Path) -> dict[str, float]:
+    def __call__(self, model: UnifiedModel, grid_path: Path | None) -> dict[str, float]:
+        return self.score(self.draw(model), grid_path)
+
+    def draw(self, model: UnifiedModel) -> torch.Tensor:
         start = time.perf_counter()
         images = model.generate(list(self.prompts), steps=self.steps, guidance=self.guidance, seed=self.seed)
-        save_grid(images, grid_path, captions=self.prompts)
+        log.info("sampled %d prompts (%.0f s)", len(self.prompts), time.perf_counter() - start)
+        return images
+
+    def score(self, images: torch.Tensor, grid_path: Path | None) -> dict[str, float]:
+        """The evaluator's scores of images drawn by `draw`; their grid to ``grid_path`` unless None."""
+        start = time.perf_counter()
+        if grid_path is not None:
+            save_grid(images[: self.grid_size], grid_path, captions=self.prompts[: self.grid_size])
         scores = self.evaluator(list(self.prompts), images)
         log.info(
-            "evaluation on %d prompts (%.0f s): %s -> %s",
+            "evaluation on %d prompts (scored in %.0f s): %s%s",
             len(self.prompts),
             time.perf_counter() - start,
             format_scores(scores, self.chance),
-            grid_path,
+            f" -> {grid_path}" if grid_path is not None else "",
         )
         return scores
 
@@ -62,20 +73,21 @@ class CaptionEvaluation:
     truth: Sequence[str]
     scorer: Callable[[list[str], list[str]], dict[str, float]]
 
-    def __call__(self, model: UnifiedModel, examples_path: Path) -> dict[str, float]:
+    def __call__(self, model: UnifiedModel, examples_path: Path | None) -> dict[str, float]:
         start = time.perf_counter()
         was_training = model.training
         model.eval()
         captions = model.backbone.caption(self.images)
         model.train(was_training)
         scores = self.scorer(captions, list(self.truth))
-        examples_path.write_text("".join(f"{p}\t<- truth: {t}\n" for p, t in zip(captions, self.truth)))
+        if examples_path is not None:
+            examples_path.write_text("".join(f"{p}\t<- truth: {t}\n" for p, t in zip(captions, self.truth)))
         log.info(
-            "understanding on %d images (%.0f s): %s -> %s",
+            "understanding on %d images (%.0f s): %s%s",
             len(captions),
             time.perf_counter() - start,
             ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)),
-            examples_path,
+            f" -> {examples_path}" if examples_path is not None else "",
         )
         return scores
 

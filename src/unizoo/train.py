@@ -18,9 +18,12 @@ from unizoo.build import build_model
 from unizoo.eval.chance import CHANCE_IMAGES, chance_levels, format_scores
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
 from unizoo.model import UnifiedModel
+from unizoo.periodic_evaluation import EvaluationCurve
 from unizoo.progress import PlainProgress
 from unizoo.recipe_types import check_recipe_types
 from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, new_run_dir, stage_checkpoint, write_metrics
+from unizoo.sample_statistics import sample_statistics
+from unizoo.throughput import stage_throughput
 from unizoo.vocabulary import run_vocabulary, warn_unknown_words
 
 log = logging.getLogger(__name__)
@@ -58,13 +61,13 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
             images, captions = first_items(datamodule.val_dataloader(), CHANCE_IMAGES)
         chance = chance_levels(instantiate(recipe.evaluator), captions, images)
         log.info("chance levels (%d val images scored against other images' prompts): %s", len(captions), format_scores(chance))
-        evaluate = _evaluations(recipe, datamodule, model, run_dir, chance)
+        curve = EvaluationCurve(_evaluations(recipe, datamodule, model, run_dir, chance))
         start = "untrained" if not recipe.init_checkpoint else "start"
         metrics = {"recipe": recipe.name, "run_dir": str(run_dir), "chance": chance}
         # The ceiling any generator of this representation can reach: frozen, so measured once.
         images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
         metrics["representation"] = RoundTripEvaluation(images, captions, instantiate(recipe.evaluator))(model.representation, run_dir / "round_trip.png")
-        metrics[start] = evaluate(start)
+        metrics[start] = curve.measure(start)
         write_metrics(run_dir, metrics)
 
         for stage in stages:
@@ -85,13 +88,20 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
                         save_last=True,
                     ),
                     PlainProgress(stage.name, recipe.progress_interval, run_dir / "train.log"),  # when output is not a terminal
+                    *curve.callbacks(stage.name, recipe.evaluation.get("every_n_steps")),
                 ],
             )
+            curve.start_stage(stage.name)
             trainer.fit(model, datamodule=datamodule)
+            training_seconds = curve.finish_stage(stage.steps)
             trainer.save_checkpoint(stage_checkpoint(run_dir, stage.name))
             if trainer.is_global_zero:
-                metrics[stage.name] = evaluate(stage.name)
+                metrics[stage.name] = curve.measure(stage.name)
                 metrics.setdefault("seconds", {})[stage.name] = round(time.perf_counter() - stage_started, 1)
+                metrics.setdefault("training", {})[stage.name] = stage_throughput(
+                    model, trainer, recipe.data.batch_size, stage.steps, training_seconds
+                )
+                metrics["curve"] = curve.points
                 write_metrics(run_dir, metrics)
 
         metrics["seconds_total"] = round(time.perf_counter() - started, 1)
@@ -144,11 +154,16 @@ def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: P
         images, truth = first_items(datamodule.val_dataloader(), recipe.evaluation.captions)
         warn_unknown_words(model.backbone.tokenizer, truth, run_vocabulary(run_dir), what="reference caption")
         understanding = CaptionEvaluation(images, truth, instantiate(recipe.understanding_evaluator))
+    statistics = sample_statistics(recipe, datamodule)  # FID, diversity: None unless the recipe asks
 
-    def evaluate(phase: str) -> dict:
-        scores = {"generation": generation(model, run_dir / f"samples_{phase}.png")}
+    def evaluate(phase: str, full: bool = True) -> dict:
+        """Scores of the model now; ``full`` (before and after stages) also writes grids and captions and measures diversity."""
+        images = generation.draw(model)
+        scores = {"generation": generation.score(images, run_dir / f"samples_{phase}.png" if full else None)}
+        if statistics is not None:
+            scores.update(statistics(model, images, full))
         if understanding is not None:
-            scores["understanding"] = understanding(model, run_dir / f"captions_{phase}.txt")
+            scores["understanding"] = understanding(model, run_dir / f"captions_{phase}.txt" if full else None)
         return scores
 
     return evaluate

@@ -1,0 +1,136 @@
+"""Where a study's variants run: submitit's local executor on this machine, its SLURM executor on a cluster.
+
+Settings come from the study file's ``launcher:`` block, then the command line:
+
+    kind               local | slurm
+    jobs               variants in flight at once (default: 1 locally, all of them on SLURM)
+    partition          SLURM partition (slurm only)
+    gpus_per_variant   GPUs each variant trains on; 0 = CPU. The variant's recipe gets the
+                       matching trainer overrides (GPU accelerator, DDP over NCCL for more than one)
+    time_min           a variant's time limit in minutes (SLURM --time; locally, when it is killed)
+    cpus_per_task, mem_gb, account, qos   SLURM resources (slurm only)
+    setup              shell lines run before each job (e.g. "module load cuda", "source .venv/bin/activate")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+LAUNCHERS = ("local", "slurm")
+DAY_MIN = 24 * 60
+
+
+class LauncherError(ValueError):
+    """A launcher setting that is not valid: reported in one paragraph."""
+
+
+@dataclass(frozen=True)
+class LauncherSettings:
+    kind: str = "local"
+    jobs: int | None = None
+    partition: str | None = None
+    gpus_per_variant: int = 0
+    time_min: int = DAY_MIN
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    account: str | None = None
+    qos: str | None = None
+    setup: tuple[str, ...] = ()
+
+    @classmethod
+    def from_values(cls, *layers: dict[str, Any]) -> LauncherSettings:
+        """Later layers win (the study file's ``launcher:``, then the command line); None means unset."""
+        valid = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for layer in layers:
+            unknown = sorted(set(layer) - valid)
+            if unknown:
+                raise LauncherError(f"unknown launcher settings {unknown}; valid: {', '.join(sorted(valid))}")
+            values.update({k: v for k, v in layer.items() if v is not None})
+        if "setup" in values:
+            values["setup"] = tuple([values["setup"]] if isinstance(values["setup"], str) else values["setup"])
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.kind not in LAUNCHERS:
+            raise LauncherError(f"launcher {self.kind!r} is not known; valid: {', '.join(LAUNCHERS)}")
+        for name in ("jobs", "time_min", "cpus_per_task"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise LauncherError(f"launcher {name} must be a whole number of at least 1, got {value!r}")
+        if not isinstance(self.gpus_per_variant, int) or self.gpus_per_variant < 0:
+            raise LauncherError(f"launcher gpus_per_variant must be 0 (CPU) or more, got {self.gpus_per_variant!r}")
+        if self.mem_gb is not None and not (isinstance(self.mem_gb, (int, float)) and self.mem_gb > 0):
+            raise LauncherError(f"launcher mem_gb must be a positive number of gigabytes, got {self.mem_gb!r}")
+        cluster_only = [n for n in ("partition", "cpus_per_task", "mem_gb", "account", "qos") if getattr(self, n) is not None]
+        if self.kind == "local" and cluster_only:
+            raise LauncherError(f"{', '.join(cluster_only)} only apply to --launcher slurm (the local launcher runs on this machine)")
+
+    def require_available(self) -> None:
+        """Fail before anything runs where the launcher cannot work here."""
+        if self.kind == "slurm" and submitit.SlurmExecutor.affinity() < 0:
+            raise LauncherError(
+                "--launcher slurm needs SLURM's srun and sbatch on PATH (none found); run `unizoo study` on a "
+                "cluster's login node, or use --launcher local"
+            )
+
+    def replace(self, **values: Any) -> LauncherSettings:
+        return dataclasses.replace(self, **values)
+
+    def in_flight(self, variants: int) -> int:
+        """How many variants run at once."""
+        if self.jobs is not None:
+            return self.jobs
+        return 1 if self.kind == "local" else max(1, variants)
+
+    def recipe_overrides(self) -> tuple[str, ...]:
+        """Trainer overrides that put a variant on its GPUs (none on CPU)."""
+        gpus = self.gpus_per_variant
+        if gpus == 0:
+            return ()
+        if gpus == 1:
+            return ("trainer.accelerator=gpu", "trainer.devices=1")
+        # One process per GPU: on SLURM the job's tasks are the ranks (Lightning reads SLURM's
+        # environment); locally Lightning spawns them.
+        return ("trainer=ddp_cpu", "trainer.accelerator=gpu", f"trainer.devices={gpus}",
+                "trainer.strategy.process_group_backend=nccl")
+
+    def executor(self, folder: Path, name: str, slot: int = 0) -> submitit.Executor:
+        """A submitit executor for one variant; ``slot`` (0 .. in_flight-1) picks its GPUs on a local machine."""
+        if self.kind == "local":
+            executor = submitit.LocalExecutor(folder=folder)
+            gpus = self.gpus_per_variant
+            executor.update_parameters(
+                timeout_min=self.time_min, gpus_per_node=gpus, visible_gpus=tuple(range(slot * gpus, (slot + 1) * gpus)),
+                setup=list(self.setup),
+            )
+            return executor
+        try:
+            executor = submitit.SlurmExecutor(folder=folder)
+        except RuntimeError as error:
+            raise LauncherError(
+                f"--launcher slurm needs SLURM's srun and sbatch on PATH ({error}); run `unizoo study` on a "
+                "cluster's login node, or use --launcher local"
+            ) from None
+        tasks = max(1, self.gpus_per_variant)
+        parameters = dict(
+            job_name=name, time=self.time_min, nodes=1, ntasks_per_node=tasks, partition=self.partition,
+            cpus_per_task=self.cpus_per_task, account=self.account, qos=self.qos, setup=list(self.setup) or None,
+            gpus_per_node=self.gpus_per_variant or None, mem=_memory(self.mem_gb),
+        )
+        executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
+        return executor
+
+
+def _memory(gigabytes: float | None) -> str | None:
+    """sbatch's --mem: whole gigabytes as GB, else megabytes."""
+    if gigabytes is None:
+        return None
+    return f"{int(gigabytes)}GB" if gigabytes == int(gigabytes) else f"{int(gigabytes * 1024)}MB"

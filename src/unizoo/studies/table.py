@@ -1,0 +1,130 @@
+"""results.md: one row per variant (cell), each value the mean +- standard deviation over its finished seeds.
+
+The best mean of each result column is in bold (lowest for FID and time, highest
+otherwise); untrained baselines and parameter counts are never bold. Columns come from
+the rows (`unizoo.studies.results`), so a score an evaluator adds appears without an edit.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from unizoo.study import Study
+from unizoo.studies.results import UNTRAINED
+
+LOWER_IS_BETTER = ("fid", "train_minutes")
+NEVER_BEST = ("total_params", "trainable_params")
+THROUGHPUT_PREFIXES = ("images_per_s_", "train_seconds_", "trainable_params_")
+BOOKKEEPING = ("total_params", "steps", "seconds_total")
+
+
+def _numbers(rows: list[dict[str, Any]], column: str) -> list[float]:
+    return [row[column] for row in rows if isinstance(row.get(column), (int, float)) and not isinstance(row.get(column), bool)]
+
+
+def _format(column: str, value: float) -> str:
+    if column.endswith("params"):
+        return f"{value:,.0f}"
+    if "fid" in column or column.endswith("minutes"):
+        return f"{value:.2f}"
+    if column.startswith("images_per_s"):
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def _cell(column: str, values: list[float]) -> tuple[str, float | None]:
+    if not values:
+        return "–", None
+    mean = statistics.fmean(values)
+    text = _format(column, mean)
+    if len(values) > 1:
+        text += f" ± {_format(column, statistics.stdev(values))}"
+    return text, mean
+
+
+def _with_derived(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows plus the training time of all stages in minutes and the last stage's trainable parameters."""
+    derived = []
+    for row in rows:
+        seconds = [v for k, v in row.items() if k.startswith("train_seconds_") and isinstance(v, (int, float))]
+        trainable = [v for k, v in row.items() if k.startswith("trainable_params_")]
+        extra = {"train_minutes": sum(seconds) / 60} if seconds else {}
+        if trainable:
+            extra["trainable_params"] = trainable[-1]
+        derived.append({**row, **extra})
+    return derived
+
+
+def markdown_table(groups: dict[str, list[dict[str, Any]]], columns: list[str], titles: dict[str, str] | None = None) -> str:
+    """One row per group (``name -> its rows``), mean +- std per column, the best mean in bold."""
+    titles = titles or {}
+    cells = {name: {c: _cell(c, _numbers(rows, c)) for c in columns} for name, rows in groups.items()}
+    best = {}
+    for column in columns:
+        means = [cells[name][column][1] for name in groups if cells[name][column][1] is not None]
+        # Nothing is best where every variant has the same value.
+        if len(means) > 1 and max(means) > min(means) and not column.startswith(UNTRAINED) and column not in NEVER_BEST:
+            best[column] = min(means) if column in LOWER_IS_BETTER else max(means)
+    header = ["variant", "seeds", *[titles.get(c, c.replace("_", " ")) for c in columns]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, rows in groups.items():
+        done = sum(row["status"] == "done" for row in rows)
+        values = []
+        for column in columns:
+            text, mean = cells[name][column]
+            values.append(f"**{text}**" if mean is not None and best.get(column) == mean else text)
+        lines.append("| " + " | ".join([name, f"{done}/{len(rows)}", *values]) + " |")
+    return "\n".join(lines)
+
+
+def results_markdown(study: Study, rows: list[dict[str, Any]], command: str) -> str:
+    rows = _with_derived(rows)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["variant"], []).append(row)
+    done = [r for r in rows if r["status"] == "done"]
+    present = {key for row in done for key in row}
+    identity = {"variant", *study.axes, "seed", "status", "error"}
+    ordered = [key for row in done for key in row]
+    ordered = list(dict.fromkeys(ordered))
+    scores = [k for k in ordered if k not in identity and not k.startswith(UNTRAINED) and not k.startswith(THROUGHPUT_PREFIXES)
+              and k not in (*BOOKKEEPING, "train_minutes", "trainable_params")]
+    untrained = [k for k in ordered if k.startswith(UNTRAINED)]
+    summary = [k for k in ("overall", "untrained_overall", "fid", "untrained_fid", "diversity", "untrained_diversity",
+                           "understanding_overall", "untrained_understanding_overall") if k in present]
+    summary += [k for k in ordered if k.startswith("images_per_s_")]
+    summary += [k for k in ("train_minutes", "trainable_params", "total_params") if k in present]
+    titles = {k: k.replace("images_per_s_", "images/s ").replace("untrained_", "untrained ").replace("_", " ") for k in summary}
+    failed = [r for r in rows if r["status"] != "done"]
+
+    parts = [
+        f"# Study `{study.name}`: {len(done)} of {len(rows)} variants done",
+        "",
+        f"Made by `{command}`. One row per variant: the mean ± standard deviation over its finished "
+        "seeds (`seeds` = finished/planned); the best mean of a column is in **bold** (lowest FID and "
+        "training time, highest otherwise). A difference smaller than the spread of the seeds is not a "
+        "finding. Scores are after the last stage, `untrained` before any training.",
+        "",
+        "## Summary",
+        "",
+        "overall: the evaluator's overall score (mean of its categories, 0-1); FID: Frechet distance of the "
+        "samples to the val images in the tiny CLIP's features (lower = closer to real images); diversity: mean "
+        "pairwise feature distance between draws of one prompt (0 = every draw the same); understanding "
+        "overall: captions of held-out images scored against the truth; images/s: training throughput per "
+        "stage; train minutes: training wall time of all stages, evaluations excluded.",
+        "",
+        markdown_table(groups, summary, titles) if summary else "(no variant finished yet)",
+        "",
+        "## Every score after training",
+        "",
+        markdown_table(groups, scores) if scores else "(no variant finished yet)",
+        "",
+        "## Before training",
+        "",
+        markdown_table(groups, untrained) if untrained else "(no variant finished yet)",
+    ]
+    if failed:
+        parts += ["", "## Not done", "", "| variant | seed | status | error |", "|---|---|---|---|"]
+        parts += [f"| {r['variant']} | {r['seed']} | {r['status']} | {str(r['error']).replace('|', '/') or '–'} |" for r in failed]
+    return "\n".join(parts) + "\n"
