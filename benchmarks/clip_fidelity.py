@@ -130,19 +130,20 @@ def markdown(result: dict) -> str:
         "",
         f"### CLIP-feature generation: each lever alone and together, against the VAE default "
         f"(generation only, default sizes, {result['steps']} steps, seeds {', '.join(map(str, seeds))}, "
-        f"{result['prompts']} val prompts; mean ± std over seeds)",
+        f"{result['prompts']} val prompts; mean ± std over the seeds a row lists)",
         "",
-        "| variant | what it changes | untrained | trained overall | gain | " + " | ".join(CATEGORIES)
+        "| variant | what it changes | seeds | untrained | trained overall | gain | strict_overall | " + " | ".join(CATEGORIES)
         + " | random features | round trip | train s |",
-        "|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|",
+        "|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|",
     ]
     for name, runs in result["variants"].items():
         trained = [r["trained"]["overall"] for r in runs]
         untrained = [r["untrained"]["overall"] for r in runs]
         cells = [_mean_std([r["trained"].get(c, float("nan")) for r in runs]) for c in CATEGORIES]
         lines.append(
-            f"| `{name}` | {VARIANTS[name][0]} | {_mean_std(untrained)} | **{_mean_std(trained)}** | "
-            f"{_mean_std([t - u for t, u in zip(trained, untrained)])} | " + " | ".join(cells)
+            f"| `{name}` | {VARIANTS[name][0]} | {', '.join(str(r['seed']) for r in runs)} | {_mean_std(untrained)} | "
+            f"**{_mean_std(trained)}** | {_mean_std([t - u for t, u in zip(trained, untrained)])} | "
+            f"{_mean_std([r['trained'].get('strict_overall', float('nan')) for r in runs])} | " + " | ".join(cells)
             + f" | {_mean_std([r['representation'].get('random_features', float('nan')) for r in runs])}"
             f" | {_mean_std([r['representation']['ratio'] for r in runs])}"
             f" | {statistics.mean(r['seconds'] for r in runs):.0f} |"
@@ -169,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=256, help="val prompts scored per run (default 256)")
     parser.add_argument("--runs", type=Path, default=Path("runs/clip_fidelity"), help="where the runs go (reused)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results root (default {DEFAULT_OUT})")
-    parser.add_argument("--robustness-images", type=int, default=256, help="val images of the robustness rows")
+    parser.add_argument("--robustness-images", type=int, default=256, help="val images of the robustness rows (0: none)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, numbers mean nothing")
+    parser.add_argument("--existing-only", action="store_true",
+                        help="train nothing: tabulate the complete runs already under --runs (each row says its seeds)")
     args = parser.parse_args(argv)
 
     runs = args.runs.resolve()
@@ -178,16 +181,25 @@ def main(argv: list[str] | None = None) -> int:
               "environment": environment(torch.device("cpu")), "seeds": args.seeds, "prompts": args.prompts,
               "quick": args.quick, "variants": {}, "robustness": {}, "robustness_images": args.robustness_images}
     for name in args.variants:
+        if args.existing_only:
+            found = {seed: run_dir(runs, f"{name}_s{seed}") for seed in args.seeds}
+            seeds = [seed for seed, path in found.items() if path is not None]
+            if seeds:
+                result["variants"][name] = [dict(run_scores(found[seed]), seed=seed) for seed in seeds]
+            continue
         result["variants"][name] = [
-            run_scores(train_variant(runs, name, VARIANTS[name][1], seed, args.prompts, args.quick)) for seed in args.seeds
+            dict(run_scores(train_variant(runs, name, VARIANTS[name][1], seed, args.prompts, args.quick)), seed=seed)
+            for seed in args.seeds
         ]
     from omegaconf import OmegaConf
 
-    first = OmegaConf.load(run_dir(runs, f"{args.variants[0]}_s{args.seeds[0]}") / "recipe.yaml")
+    name, runs_of_first = next(iter(result["variants"].items()))
+    first = OmegaConf.load(run_dir(runs, f"{name}_s{runs_of_first[0]['seed']}") / "recipe.yaml")
     result["steps"] = int(first.strategy.steps)
     for label, name in ROBUSTNESS_RUNS.items():
-        if name in args.variants:
-            result["robustness"][label] = decoder_robustness(run_dir(runs, f"{name}_s{args.seeds[0]}"), args.robustness_images)
+        if name in result["variants"] and args.robustness_images > 0:
+            probe = run_dir(runs, f"{name}_s{result['variants'][name][0]['seed']}")
+            result["robustness"][label] = decoder_robustness(probe, args.robustness_images)
 
     folder = args.out / machine_slug(torch.device("cpu"))
     folder.mkdir(parents=True, exist_ok=True)
