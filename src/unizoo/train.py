@@ -10,23 +10,31 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from unizoo.build import build_model
+from unizoo.ema import scores_with_and_without_ema
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
 from unizoo.model import UnifiedModel
-from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, new_run_dir, stage_checkpoint, write_metrics
+from unizoo.resume import fresh_plan, resume_plan
+from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, new_run_dir, read_metrics, stage_checkpoint, write_metrics
+from unizoo.stage_callbacks import stage_callbacks, trainer_plugins
 
 log = logging.getLogger(__name__)
 
 # Frozen components (the VAE, CLIP towers) stay in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
+# The training sampler resumes mid-epoch from the trainer's restored step (unizoo.data.sampler).
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
-def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
-    """Train every stage of `recipe`'s strategy, evaluating before and after; returns the run directory."""
+def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False) -> Path:
+    """Train every stage of `recipe`'s strategy, evaluating before and after; returns the run directory.
+
+    `resume`: `run_dir` is an interrupted run of `recipe`; continue it (see unizoo.resume).
+    """
     started = time.perf_counter()
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     # Build first: a recipe that does not build leaves no empty run directory behind.
@@ -37,7 +45,8 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
 
     run_dir = Path(run_dir) if run_dir else new_run_dir(recipe.run_root, recipe.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(recipe, run_dir / RECIPE_FILE, resolve=True)
+    if not resume:
+        OmegaConf.save(recipe, run_dir / RECIPE_FILE, resolve=True)
     handler = _log_to_file(run_dir / "train.log")
     try:
         log.info("run directory: %s", run_dir)
@@ -51,37 +60,36 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
 
         evaluate = _evaluations(recipe, datamodule, model, run_dir)
         start = "untrained" if not recipe.init_checkpoint else "start"
-        metrics = {"recipe": recipe.name, "run_dir": str(run_dir)}
-        # The ceiling any generator of this representation can reach: frozen, so measured once.
-        images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
-        metrics["representation"] = RoundTripEvaluation(images, captions, instantiate(recipe.evaluator))(model.representation, run_dir / "round_trip.png")
-        metrics[start] = evaluate(start)
+        metrics = read_metrics(run_dir) if resume else {"recipe": recipe.name, "run_dir": str(run_dir)}
+        if "representation" not in metrics:
+            # The ceiling any generator of this representation can reach: frozen, so measured once.
+            images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
+            metrics["representation"] = RoundTripEvaluation(images, captions, instantiate(recipe.evaluator))(model.representation, run_dir / "round_trip.png")
+        if start not in metrics:
+            metrics[start] = evaluate(start)
         write_metrics(run_dir, metrics)
 
-        for stage in stages:
+        for part in resume_plan(run_dir, stages, metrics) if resume else fresh_plan(stages):
+            stage = part.stage
+            if part.weights:
+                _load_weights(model, part.weights)
             model.set_stage(stage)
             stage_started = time.perf_counter()
-            trainer = instantiate(
-                recipe.trainer,
-                max_steps=stage.steps,
-                default_root_dir=str(run_dir),
-                logger=CSVLogger(str(run_dir), name="logs", version=stage.name),
-                callbacks=[
-                    # Periodic, so a crash leaves the last good checkpoint of the stage.
-                    ModelCheckpoint(
-                        dirpath=str(run_dir / "checkpoints" / stage.name),
-                        filename="step{step}",
-                        auto_insert_metric_name=False,
-                        every_n_train_steps=max(1, min(500, stage.steps)),
-                        save_last=True,
-                    )
-                ],
-            )
-            trainer.fit(model, datamodule=datamodule)
-            trainer.save_checkpoint(stage_checkpoint(run_dir, stage.name))
-            if trainer.is_global_zero:
+            if part.train:
+                trainer = instantiate(
+                    recipe.trainer,
+                    max_steps=stage.steps,
+                    default_root_dir=str(run_dir),
+                    logger=CSVLogger(str(run_dir), name="logs", version=stage.name),
+                    callbacks=stage_callbacks(recipe, stage, stages, run_dir),
+                    plugins=trainer_plugins(),
+                )
+                trainer.fit(model, datamodule=datamodule, ckpt_path=part.resume_from)
+                trainer.save_checkpoint(stage_checkpoint(run_dir, stage.name))
+            if rank_zero_only.rank == 0:
                 metrics[stage.name] = evaluate(stage.name)
-                metrics.setdefault("seconds", {})[stage.name] = round(time.perf_counter() - stage_started, 1)
+                if part.train:
+                    metrics.setdefault("seconds", {})[stage.name] = round(time.perf_counter() - stage_started, 1)
                 write_metrics(run_dir, metrics)
 
         metrics["seconds_total"] = round(time.perf_counter() - started, 1)
@@ -109,7 +117,7 @@ def _stages_to_run(strategy, start_stage: str | None, init_checkpoint: str | Non
     return list(strategy.stages[names.index(start_stage) :])
 
 
-def _load_weights(model: UnifiedModel, checkpoint: str) -> None:
+def _load_weights(model: UnifiedModel, checkpoint: str | Path) -> None:
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"init_checkpoint={checkpoint!r} is not a file; stage checkpoints are RUN_DIR/checkpoints/<stage>.ckpt")
@@ -132,7 +140,8 @@ def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: P
         understanding = CaptionEvaluation(images, truth, instantiate(recipe.understanding_evaluator))
 
     def evaluate(phase: str) -> dict:
-        scores = {"generation": generation(model, run_dir / f"samples_{phase}.png")}
+        # With an EMA: "generation" scores its weights (what `unizoo sample` draws with), "generation_raw" the trained ones.
+        scores = scores_with_and_without_ema(model, lambda suffix: generation(model, run_dir / f"samples_{phase}{suffix}.png"))
         if understanding is not None:
             scores["understanding"] = understanding(model, run_dir / f"captions_{phase}.txt")
         return scores
