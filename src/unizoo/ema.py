@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from unizoo.composition import RecipeError
+
 ATTRIBUTE = "generator_ema"
 
 
@@ -42,7 +44,7 @@ def attach_ema(model: nn.Module, decay: float | None) -> None:
     if decay is None:
         return
     if not 0.0 < decay < 1.0:
-        raise ValueError(f"ema.decay must be in (0, 1) or null for no EMA, got {decay}")
+        raise RecipeError(f"ema.decay={decay}: expected a decay in (0, 1), e.g. 0.9999, or null for no EMA")
     average = AveragedModel(model.generator, multi_avg_fn=_ema_update(decay), use_buffers=True)
     average.requires_grad_(False)
     model.add_module(ATTRIBUTE, average)

@@ -16,15 +16,27 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from unizoo.composition import RecipeError
 
-def parse_position(value: str | None, key: str) -> tuple[str, int] | None:
-    """`"<stage>:<step>"` -> (stage, step); None stays None."""
+
+KEYS = ("nan_at", "pause_at")
+
+
+def parse_position(value: str | None, key: str, stages: list[str] | None = None) -> tuple[str, int] | None:
+    """`"<stage>:<step>"` -> (stage, step); None stays None. With `stages`, the stage must be one of them."""
     if value is None:
         return None
     stage, _, step = str(value).rpartition(":")
-    if not stage or not step.isdigit() or int(step) < 1:
-        raise ValueError(f"{key}={value!r}: expected '<stage>:<step>' with a step from 1, e.g. 'generation:3'")
+    if not stage or not step.isdigit() or int(step) < 1 or (stages is not None and stage not in stages):
+        valid = f"one of {', '.join(stages)}" if stages else "a stage name"
+        raise RecipeError(f"{key}={value!r}: expected '<stage>:<step>' with <stage> {valid} and a step from 1, e.g. 'generation:3'")
     return stage, int(step)
+
+
+def check_debug(debug, stages: list[str]) -> None:
+    """Raise `RecipeError` before a run starts if the `debug` block names no valid position."""
+    for key in KEYS:
+        parse_position((debug or {}).get(key), f"debug.{key}", stages)
 
 
 def pause_marker(run_dir: Path, stage: str, step: int) -> Path:
@@ -53,6 +65,6 @@ def fault_injection(debug, run_dir: Path, stage: str) -> list[L.Callback]:
     """The `FaultInjection` for `stage` that the recipe's `debug` block asks for, if any."""
     if not debug:
         return []
-    at = {key: parse_position(debug.get(key), f"debug.{key}") for key in ("nan_at", "pause_at")}
+    at = {key: parse_position(debug.get(key), f"debug.{key}") for key in KEYS}
     mine = {key: position[1] for key, position in at.items() if position is not None and position[0] == stage}
     return [FaultInjection(run_dir, stage, **mine)] if mine else []

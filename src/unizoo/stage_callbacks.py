@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from unizoo.checkpoints import AtomicCheckpointIO, periodic_checkpoint, readable
 from unizoo.components.strategies.stages import Stage
 from unizoo.ema import GeneratorEMA
-from unizoo.faults import fault_injection
+from unizoo.composition import RecipeError
+from unizoo.faults import check_debug, fault_injection
 from unizoo.nonfinite import StopOnNonFiniteLoss
 from unizoo.runs import stage_checkpoint
 from unizoo.step_seeds import StepSeeding
@@ -37,6 +38,14 @@ def stage_callbacks(recipe: DictConfig, stage: Stage, stages: list[Stage], run_d
     if "generator" in stage.trainable:
         callbacks.append(GeneratorEMA())  # a no-op when the recipe has no EMA (ema.decay: null)
     return callbacks
+
+
+def check_stage_settings(recipe: DictConfig, stages: list[Stage]) -> None:
+    """Raise `RecipeError` for a bad `checkpoint` or `debug` block before anything runs."""
+    every = OmegaConf.select(recipe, "checkpoint.every_n_steps", default=DEFAULT_EVERY_N_STEPS)
+    if not isinstance(every, int) or every < 1:
+        raise RecipeError(f"checkpoint.every_n_steps={every!r}: expected a whole number of optimiser steps, at least 1")
+    check_debug(OmegaConf.select(recipe, "debug"), [stage.name for stage in stages])
 
 
 def trainer_plugins() -> list:

@@ -20,7 +20,7 @@ from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEval
 from unizoo.model import UnifiedModel
 from unizoo.resume import fresh_plan, resume_plan
 from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, new_run_dir, read_metrics, stage_checkpoint, write_metrics
-from unizoo.stage_callbacks import stage_callbacks, trainer_plugins
+from unizoo.stage_callbacks import check_stage_settings, stage_callbacks, trainer_plugins
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
     model = build_model(recipe)
     strategy = instantiate(recipe.strategy, _convert_="all")
     stages = _stages_to_run(strategy, recipe.start_stage, recipe.init_checkpoint)
+    check_stage_settings(recipe, stages)
 
     run_dir = Path(run_dir) if run_dir else new_run_dir(recipe.run_root, recipe.name)
     run_dir.mkdir(parents=True, exist_ok=True)
