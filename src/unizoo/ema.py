@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -31,12 +32,9 @@ def warmed_up_decay(decay: float, updates: int) -> float:
     return min(decay, (1 + updates) / (10 + updates))
 
 
-def _ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
-        # averaged <- averaged + (1 - d) * (current - averaged), all tensors at once
-        torch._foreach_lerp_(averaged, current, 1.0 - warmed_up_decay(decay, int(updates)))
-
-    return update
+def _ema_update(decay: float, averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+    """`AveragedModel`'s multi_avg_fn: averaged <- averaged + (1 - d) * (current - averaged), all tensors at once."""
+    torch._foreach_lerp_(averaged, current, 1.0 - warmed_up_decay(decay, int(updates)))
 
 
 def attach_ema(model: nn.Module, decay: float | None) -> None:
@@ -45,7 +43,8 @@ def attach_ema(model: nn.Module, decay: float | None) -> None:
         return
     if not 0.0 < decay < 1.0:
         raise RecipeError(f"ema.decay={decay}: expected a decay in (0, 1), e.g. 0.9999, or null for no EMA")
-    average = AveragedModel(model.generator, multi_avg_fn=_ema_update(decay), use_buffers=True)
+    # A partial of a module-level function: data-parallel workers receive the model pickled.
+    average = AveragedModel(model.generator, multi_avg_fn=partial(_ema_update, decay), use_buffers=True)
     average.requires_grad_(False)
     model.add_module(ATTRIBUTE, average)
 
