@@ -1,8 +1,9 @@
-"""Data-parallel training for real: two CPU processes over gloo (`trainer=ddp_cpu`)."""
+"""Data-parallel and fully sharded training for real: two CPU processes over gloo (`trainer=ddp_cpu`, `trainer=fsdp`)."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -67,15 +68,18 @@ def test_metrics_and_losses_of_every_stage(ddp_run):
         assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_two_processes_end_with_the_weights_of_one_at_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("trainer", ["ddp_cpu", "fsdp"])
+def test_two_processes_end_with_the_weights_of_one_at_the_same_global_batch(trainer, tmp_path):
     """2 processes at batch 8 end with the weights of 1 process at batch 16, to 1e-5, after 4 AdamW steps.
 
-    Both see the same 16 samples per step (the sampler gives rank r positions r, r+2, ...
-    of one order) and DDP averages the two batch-mean gradients into the batch-16 mean.
-    That is exact only for a loss that is a per-sample mean with no random draw: the MSE
-    objective. (Flow matching draws its noise per rank, so two processes see other noise
-    than one; the understanding loss averages over tokens, whose count differs per half.)
-    Both load one VAE: the tiny VAE unizoo pretrains depends on the batch size it saw.
+    ddp_cpu replicates the model and all-reduces gradients; fsdp (FSDP2 under Lightning's
+    ModelParallelStrategy) shards parameters, gradients and optimiser states over the two
+    processes and reduce-scatters. Both see the same 16 samples per step (the sampler gives
+    rank r positions r, r+2, ... of one order) and average the two batch-mean gradients into
+    the batch-16 mean. That is exact only for a loss that is a per-sample mean with no random
+    draw: the MSE objective. (Flow matching draws its noise per rank, so two processes see
+    other noise than one; the understanding loss averages over tokens, whose count differs
+    per half.) Both load one VAE: the tiny VAE unizoo pretrains depends on the batch size.
     """
     base = [*TINY_OVERRIDES, "objective=mse", "strategy.steps=4", "warmup_steps=1"]
     recipe = compose_recipe("default", base)
@@ -85,10 +89,14 @@ def test_two_processes_end_with_the_weights_of_one_at_the_same_global_batch(tmp_
     shared = [*base, f"representation.pretrained={tmp_path / 'vae'}"]
 
     one = train(compose_recipe("default", [*shared, "data.batch_size=16", f"run_root={tmp_path / 'one'}"]))
-    process = subprocess.run([sys.executable, "-m", "unizoo.cli", "train", *shared, "data.batch_size=8", "trainer=ddp_cpu",
-                              f"run_root={tmp_path / 'two'}"], capture_output=True, text=True, timeout=600, check=False)
+    process = subprocess.run([sys.executable, "-m", "unizoo.cli", "train", *shared, "data.batch_size=8", f"trainer={trainer}",
+                              "trainer.devices=2", f"run_root={tmp_path / 'two'}"], capture_output=True, text=True, timeout=600, check=False)
     assert process.returncode == 0, process.stderr[-4000:]
     (two,) = (tmp_path / "two" / "default").iterdir()
+    if trainer == "fsdp":  # each process held about half of the parameters
+        held = [int(n) for n, total in re.findall(r"fully sharded over 2 processes: this one holds (\d+) of (\d+)", process.stderr)]
+        total = int(re.search(r"holds \d+ of (\d+) parameters", process.stderr).group(1))
+        assert len(held) == 2 and sum(held) == total and max(held) < 0.51 * total, held
 
     L.seed_everything(0, verbose=False)  # as train() does before building: the weights both runs started from
     start = build_model(compose_recipe("default", shared)).state_dict()

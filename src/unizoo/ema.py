@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import AveragedModel
 
 from unizoo.composition import RecipeError
@@ -33,8 +34,14 @@ def warmed_up_decay(decay: float, updates: int) -> float:
 
 
 def _ema_update(decay: float, averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
-    """`AveragedModel`'s multi_avg_fn: averaged <- averaged + (1 - d) * (current - averaged), all tensors at once."""
-    torch._foreach_lerp_(averaged, current, 1.0 - warmed_up_decay(decay, int(updates)))
+    """`AveragedModel`'s multi_avg_fn: averaged <- averaged + (1 - d) * (current - averaged), many tensors at once."""
+    weight = 1.0 - warmed_up_decay(decay, int(updates))
+    # One call per kind: under trainer=fsdp parameters are sharded DTensors and buffers plain
+    # tensors, which one foreach call cannot mix.
+    for sharded in (False, True):
+        pairs = [(a, c) for a, c in zip(averaged, current, strict=True) if isinstance(a, DTensor) is sharded]
+        if pairs:
+            torch._foreach_lerp_([a for a, _ in pairs], [c for _, c in pairs], weight)
 
 
 def attach_ema(model: nn.Module, decay: float | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -11,15 +12,16 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from unizoo.build import build_model
 from unizoo.ema import scores_with_and_without_ema
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
+from unizoo.launch import RUN_DIR_VARIABLE, is_primary, shared_run_dir
 from unizoo.model import UnifiedModel
 from unizoo.resume import fresh_plan, resume_plan
-from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, new_run_dir, read_metrics, stage_checkpoint, write_metrics
+from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, read_metrics, stage_checkpoint, write_metrics
+from unizoo.sharding import model_to_fit, take_trained_weights
 from unizoo.stage_callbacks import check_stage_settings, stage_callbacks, trainer_plugins
 
 log = logging.getLogger(__name__)
@@ -44,11 +46,15 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
     stages = _stages_to_run(strategy, recipe.start_stage, recipe.init_checkpoint)
     check_stage_settings(recipe, stages)
 
-    run_dir = Path(run_dir) if run_dir else new_run_dir(recipe.run_root, recipe.name)
+    # Launched as several processes, every one trains but only the primary writes (unizoo.launch).
+    primary = is_primary()
+    run_dir = shared_run_dir(recipe.run_root, recipe.name, run_dir or OmegaConf.select(recipe, "run_dir"), resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if primary and not resume:
         OmegaConf.save(recipe, run_dir / RECIPE_FILE, resolve=True)
-    handler = _log_to_file(run_dir / "train.log")
+    handler = _log_to_file(run_dir / "train.log") if primary else logging.NullHandler()
+    inherited = os.environ.get(RUN_DIR_VARIABLE)
+    os.environ[RUN_DIR_VARIABLE] = str(run_dir)  # for the processes Lightning's launchers start
     try:
         log.info("run directory: %s", run_dir)
 
@@ -56,19 +62,20 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
         datamodule.setup("validate")
         if recipe.init_checkpoint:
             _load_weights(model, recipe.init_checkpoint)
-        model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
+        if primary:
+            model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
         log.info("strategy %s: %s", strategy.name, ", ".join(f"{s.name} ({s.steps} steps)" for s in stages))
 
         evaluate = _evaluations(recipe, datamodule, model, run_dir)
         start = "untrained" if not recipe.init_checkpoint else "start"
         metrics = read_metrics(run_dir) if resume else {"recipe": recipe.name, "run_dir": str(run_dir)}
-        if "representation" not in metrics:
+        if primary and "representation" not in metrics:
             # The ceiling any generator of this representation can reach: frozen, so measured once.
             images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
             metrics["representation"] = RoundTripEvaluation(images, captions, instantiate(recipe.evaluator))(model.representation, run_dir / "round_trip.png")
-        if start not in metrics:
+        if primary and start not in metrics:
             metrics[start] = evaluate(start)
-        write_metrics(run_dir, metrics)
+            write_metrics(run_dir, metrics)
 
         for part in resume_plan(run_dir, stages, metrics) if resume else fresh_plan(stages):
             stage = part.stage
@@ -85,22 +92,29 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
                     callbacks=stage_callbacks(recipe, stage, stages, run_dir),
                     plugins=trainer_plugins(),
                 )
-                trainer.fit(model, datamodule=datamodule, ckpt_path=part.resume_from)
+                fitted = model_to_fit(model, trainer)  # a copy where the trainer shards it (trainer=fsdp)
+                trainer.fit(fitted, datamodule=datamodule, ckpt_path=part.resume_from)
                 trainer.save_checkpoint(stage_checkpoint(run_dir, stage.name))
-            if rank_zero_only.rank == 0:
+                take_trained_weights(model, fitted)
+            if primary:
                 metrics[stage.name] = evaluate(stage.name)
                 if part.train:
                     metrics.setdefault("seconds", {})[stage.name] = round(time.perf_counter() - stage_started, 1)
                 write_metrics(run_dir, metrics)
 
         metrics["seconds_total"] = round(time.perf_counter() - started, 1)
-        write_metrics(run_dir, metrics)
+        if primary:
+            write_metrics(run_dir, metrics)
         log.info("done in %.0f s: %s", metrics["seconds_total"], run_dir)
         return run_dir
     finally:
         # Runs in one process (tests, a study runner) must not log into each other's files.
         logging.getLogger("unizoo").removeHandler(handler)
         handler.close()
+        if inherited is None:
+            os.environ.pop(RUN_DIR_VARIABLE, None)
+        else:
+            os.environ[RUN_DIR_VARIABLE] = inherited
 
 
 def _stages_to_run(strategy, start_stage: str | None, init_checkpoint: str | None) -> list:
