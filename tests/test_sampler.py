@@ -1,4 +1,4 @@
-"""The training order: torch's seeded RandomSampler on one process, resumable mid-epoch, sharded equally."""
+"""The training order: the seeded shuffling DataLoader's on one process, resumable mid-epoch, sharded equally."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from torch.utils.data import BatchSampler, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader
 
 from unizoo.data.datamodule import ShapesDataModule
 from unizoo.data.sampler import ResumableSampler
@@ -18,10 +18,17 @@ def batches(sampler, batch_size: int, epochs: int) -> list[list[int]]:
     return [batch for _ in range(epochs) for batch in batch_sampler]
 
 
+def loader_batches(loader, epochs: int) -> list[list[int]]:
+    return [batch.tolist() for _ in range(epochs) for batch in loader]
+
+
 @pytest.mark.parametrize(("size", "batch_size"), [(100, 16), (64, 8), (7, 2)])
-def test_one_process_reproduces_seeded_random_sampler(size, batch_size):
-    reference = RandomSampler(range(size), generator=torch.Generator().manual_seed(3))
-    assert batches(ResumableSampler(size, seed=3, rank=0, num_replicas=1), batch_size, 3) == batches(reference, batch_size, 3)
+def test_one_process_reproduces_the_seeded_shuffling_loader(size, batch_size):
+    # The order unizoo's loaders had before they were resumable (and cached pretrained models saw).
+    before = DataLoader(range(size), batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(3))
+    now = DataLoader(range(size), batch_size, sampler=ResumableSampler(size, seed=3, rank=0, num_replicas=1), drop_last=True,
+                     generator=torch.Generator().manual_seed(3))
+    assert loader_batches(now, 4) == loader_batches(before, 4)
 
 
 def test_epochs_differ_and_set_epoch_replays_any_of_them():
@@ -61,7 +68,10 @@ def test_datamodule_train_loader_uses_it_and_replays():
     dm = ShapesDataModule(batch_size=4, train_size=24, val_size=8, test_size=8)
     loader = dm.train_dataloader()
     assert isinstance(loader.sampler, ResumableSampler) and len(loader) == 6
-    # The order the data module had before it was resumable: torch's RandomSampler seeded with data.seed.
+    # The order the data module had before it was resumable, over two epochs, and no global RNG drawn.
     dataset = dm.dataset("train")
-    before = BatchSampler(RandomSampler(dataset, generator=torch.Generator().manual_seed(dm.seed)), 4, drop_last=True)
-    assert [b["caption"] for b in loader] == [[dataset[i]["caption"] for i in batch] for batch in before]
+    before = DataLoader(range(24), 4, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(dm.seed))
+    state = torch.random.get_rng_state()
+    captions = [b["caption"] for _ in range(2) for b in loader]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert captions == [[dataset[i]["caption"] for i in batch] for batch in loader_batches(before, 2)]

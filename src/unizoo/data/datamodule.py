@@ -79,17 +79,20 @@ class ShapesDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        sampler = None
+        sampler, generator = None, None
         if train:
             # Shuffled per epoch from `seed`, this process's share under data parallelism, and
             # continuing where a resumed fit left off (its trainer's restored step).
             sampler = ResumableSampler(len(self.dataset(split)), seed=self.seed)
             sampler.start_after(batches_trained(self.trainer), self.batch_size)
+            # The loader draws each iterator's base seed from this, not from the global RNG.
+            generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=train,
+            generator=generator,
             num_workers=self.num_workers,
             # Worker start-up costs more than drawing a batch, so keep workers alive between epochs.
             persistent_workers=self.num_workers > 0,

@@ -2,9 +2,10 @@
 
 Epoch `e`'s order is a pure function of `(seed, e)`, so a resumed run can rebuild the
 order it was in and skip the batches it had already trained on; nothing about the
-order needs saving. It reproduces torch's `RandomSampler(generator=Generator().manual_seed(seed))`
-on one process (two `randperm` draws per fully consumed epoch), so runs and cached
-pretrained models keep the data order they had before resuming existed.
+order needs saving. On one process it reproduces the order of
+`DataLoader(shuffle=True, generator=Generator().manual_seed(seed))` with `num_workers=0`
+epoch after epoch, so runs and cached pretrained models keep the data order they had
+before resuming existed (see `ResumableSampler.order`).
 
 A subclass of `DistributedSampler` so that Lightning leaves it in place under DDP instead of
 re-sharding with an order of its own: rank `r` of `W` takes positions `r, r + W, ...`
@@ -56,7 +57,7 @@ class ResumableSampler(DistributedSampler):
         self.shuffle, self.drop_last = True, True
         self.epoch = 0
         self._skip: tuple[int, int] | None = None  # (epoch, indices of this rank to skip in it)
-        self._generator, self._draws = torch.Generator(), 0  # permutations drawn so far from `seed`
+        self._generator, self._draws = torch.Generator(), 0  # epochs drawn so far from `seed`
         self._generator.manual_seed(self.seed)
 
     def __len__(self) -> int:
@@ -75,19 +76,23 @@ class ResumableSampler(DistributedSampler):
         self._skip = (epoch, offset * batch_size)
 
     def order(self, epoch: int) -> torch.Tensor:
-        """Epoch `epoch`'s permutation of every index (before sharding)."""
-        # RandomSampler draws two permutations per fully consumed epoch (the second one for
-        # the empty remainder), so epoch e's order is draw 2e of the seeded generator.
-        wanted = 2 * epoch
-        if wanted < self._draws:
+        """Epoch `epoch`'s permutation of every index (before sharding).
+
+        Replays what a shuffling DataLoader draws from its seeded generator per fully
+        consumed epoch: the iterator's base seed (one int64), the sampler's permutation,
+        and a second permutation that RandomSampler draws for the empty remainder as the
+        epoch ends.
+        """
+        if epoch < self._draws:
             self._generator.manual_seed(self.seed)
             self._draws = 0
-        while self._draws < wanted:
+        while True:
+            torch.empty((), dtype=torch.int64).random_(generator=self._generator)
+            permutation = torch.randperm(self.size, generator=self._generator)
             torch.randperm(self.size, generator=self._generator)
             self._draws += 1
-        permutation = torch.randperm(self.size, generator=self._generator)
-        self._draws += 1
-        return permutation
+            if self._draws > epoch:
+                return permutation
 
     def __iter__(self) -> Iterator[int]:
         epoch = self.epoch
