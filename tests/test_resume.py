@@ -135,3 +135,10 @@ def test_resume_of_a_finished_run_changes_nothing(reference):
     assert Path(finish(unizoo(f"resume={reference}", "trainer.devices=1"))) == reference
     after = state(reference / "checkpoints" / "generation.ckpt")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_of_a_directory_that_is_no_run_exits_2(tmp_path, capsys):
+    from unizoo.cli import main
+
+    assert main(["train", f"resume={tmp_path}"]) == 2
+    assert "not a unizoo run directory" in capsys.readouterr().err
