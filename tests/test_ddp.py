@@ -68,8 +68,27 @@ def test_metrics_and_losses_of_every_stage(ddp_run):
         assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
 
+EQUALITY = [*TINY_OVERRIDES, "objective=mse", "strategy.steps=4", "warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def one_process_at_batch_16(tmp_path_factory):
+    """The reference: one process at batch 16, from a pretrained VAE saved for the 2-process runs to load too
+    (the tiny VAE unizoo pretrains depends on the batch size it saw)."""
+    root = tmp_path_factory.mktemp("equality")
+    recipe = compose_recipe("default", EQUALITY)
+    model = build_model(recipe)
+    model.representation.prepare(instantiate(recipe.data))
+    model.representation.vae.save_pretrained(root / "vae")
+    shared = [*EQUALITY, f"representation.pretrained={root / 'vae'}"]
+    run_dir = train(compose_recipe("default", [*shared, "data.batch_size=16", f"run_root={root / 'one'}"]))
+    L.seed_everything(0, verbose=False)  # as train() does before building: the weights the runs started from
+    start = build_model(compose_recipe("default", shared)).state_dict()
+    return shared, state(run_dir / "checkpoints" / "generation.ckpt"), start
+
+
 @pytest.mark.parametrize("trainer", ["ddp_cpu", "fsdp"])
-def test_two_processes_end_with_the_weights_of_one_at_the_same_global_batch(trainer, tmp_path):
+def test_two_processes_end_with_the_weights_of_one_at_the_same_global_batch(trainer, one_process_at_batch_16, tmp_path):
     """2 processes at batch 8 end with the weights of 1 process at batch 16, to 1e-5, after 4 AdamW steps.
 
     ddp_cpu replicates the model and all-reduces gradients; fsdp (FSDP2 under Lightning's
@@ -79,28 +98,19 @@ def test_two_processes_end_with_the_weights_of_one_at_the_same_global_batch(trai
     the batch-16 mean. That is exact only for a loss that is a per-sample mean with no random
     draw: the MSE objective. (Flow matching draws its noise per rank, so two processes see
     other noise than one; the understanding loss averages over tokens, whose count differs
-    per half.) Both load one VAE: the tiny VAE unizoo pretrains depends on the batch size.
+    per half.)
     """
-    base = [*TINY_OVERRIDES, "objective=mse", "strategy.steps=4", "warmup_steps=1"]
-    recipe = compose_recipe("default", base)
-    model = build_model(recipe)
-    model.representation.prepare(instantiate(recipe.data))
-    model.representation.vae.save_pretrained(tmp_path / "vae")
-    shared = [*base, f"representation.pretrained={tmp_path / 'vae'}"]
-
-    one = train(compose_recipe("default", [*shared, "data.batch_size=16", f"run_root={tmp_path / 'one'}"]))
+    shared, a, start = one_process_at_batch_16
     process = subprocess.run([sys.executable, "-m", "unizoo.cli", "train", *shared, "data.batch_size=8", f"trainer={trainer}",
-                              "trainer.devices=2", f"run_root={tmp_path / 'two'}"], capture_output=True, text=True, timeout=600, check=False)
+                              "trainer.devices=2", f"run_root={tmp_path}"], capture_output=True, text=True, timeout=600, check=False)
     assert process.returncode == 0, process.stderr[-4000:]
-    (two,) = (tmp_path / "two" / "default").iterdir()
+    (two,) = (tmp_path / "default").iterdir()
     if trainer == "fsdp":  # each process held about half of the parameters
-        held = [int(n) for n, total in re.findall(r"fully sharded over 2 processes: this one holds (\d+) of (\d+)", process.stderr)]
+        held = [int(n) for n in re.findall(r"fully sharded over 2 processes: this one holds (\d+) of", process.stderr)]
         total = int(re.search(r"holds \d+ of (\d+) parameters", process.stderr).group(1))
         assert len(held) == 2 and sum(held) == total and max(held) < 0.51 * total, held
 
-    L.seed_everything(0, verbose=False)  # as train() does before building: the weights both runs started from
-    start = build_model(compose_recipe("default", shared)).state_dict()
-    a, b = state(one / "checkpoints" / "generation.ckpt"), state(two / "checkpoints" / "generation.ckpt")
+    b = state(two / "checkpoints" / "generation.ckpt")
     assert a.keys() == b.keys()
     moved = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], start[k])]
     assert len(moved) > 20, moved  # the comparison is about weights that trained
