@@ -10,7 +10,9 @@ from torch import nn
 
 from conftest import STAGE_STEPS
 from unizoo.composition import RecipeError, compose_recipe
-from unizoo.ema import GeneratorEMA, attach_ema, ema_weights, generator_ema, scores_with_and_without_ema, warmed_up_decay
+from unizoo.ema import (
+    GeneratorEMA, attach_ema, ema_weights, generator_ema, load_weights, scores_with_and_without_ema, warmed_up_decay,
+)
 from unizoo.runs import load_run
 from unizoo.train import train
 
@@ -124,3 +126,14 @@ def test_callback_updates_once_per_optimiser_step():
         trainer.global_step = step
         callback.on_train_batch_end(trainer, model, None, None, 0)
     assert int(generator_ema(model).n_averaged) == 3
+
+
+def test_weights_saved_without_an_ema_load_into_a_model_with_one():
+    plain, averaged = Holder(), Holder()
+    attach_ema(averaged, 0.9)
+    generator_ema(averaged).update_parameters(averaged.generator)
+    load_weights(averaged, plain.state_dict())
+    assert torch.equal(averaged.generator.weight, plain.generator.weight)
+    assert int(generator_ema(averaged).n_averaged) == 0  # starts afresh from the loaded weights
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        load_weights(averaged, {**plain.state_dict(), "stray": torch.zeros(1)})

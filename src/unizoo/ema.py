@@ -91,6 +91,15 @@ def _swap(a: nn.Module, b: nn.Module) -> None:
             y.copy_(held)
 
 
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`model.load_state_dict(state)`, also from checkpoints saved without an EMA (its average then starts afresh)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not key.startswith(f"{ATTRIBUTE}.") for key in missing):
+        model.load_state_dict(state)  # strict: raises naming the keys
+    elif missing:
+        generator_ema(model).n_averaged.zero_()  # the next update copies the loaded generator
+
+
 def use_ema_weights(model: nn.Module) -> bool:
     """Copy the average into `model.generator` for good (sampling a trained run); whether there was one."""
     if not has_updates(model):

@@ -17,11 +17,11 @@ import copy
 import logging
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.tensor import DTensor
 
 from unizoo.ema import generator_ema
 

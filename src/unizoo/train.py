@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from unizoo.build import build_model
-from unizoo.ema import scores_with_and_without_ema
+from unizoo.ema import load_weights, scores_with_and_without_ema
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
 from unizoo.launch import RUN_DIR_VARIABLE, is_primary, shared_run_dir
 from unizoo.model import UnifiedModel
@@ -68,7 +68,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
 
         evaluate = _evaluations(recipe, datamodule, model, run_dir)
         start = "untrained" if not recipe.init_checkpoint else "start"
-        metrics = read_metrics(run_dir) if resume else {"recipe": recipe.name, "run_dir": str(run_dir)}
+        metrics = {"recipe": recipe.name, "run_dir": str(run_dir), **(read_metrics(run_dir) if resume else {})}
         if primary and "representation" not in metrics:
             # The ceiling any generator of this representation can reach: frozen, so measured once.
             images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
@@ -136,7 +136,7 @@ def _load_weights(model: UnifiedModel, checkpoint: str | Path) -> None:
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"init_checkpoint={checkpoint!r} is not a file; stage checkpoints are RUN_DIR/checkpoints/<stage>.ckpt")
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+    load_weights(model, torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
     log.info("weights from %s", path)
 
 
