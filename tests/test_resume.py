@@ -108,6 +108,13 @@ def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one(reference, resu
         assert_bit_identical(reference / "checkpoints" / f"{stage}.ckpt", run_dir / "checkpoints" / f"{stage}.ckpt")
 
 
+def test_resumed_run_logs_the_losses_of_the_uninterrupted_one(reference, resumed):
+    _, run_dir, _ = resumed
+    for stage in ("understanding", "generation"):
+        logged = [(d / "logs" / stage / "metrics.csv").read_text().splitlines() for d in (reference, run_dir)]
+        assert len(logged[0]) > 5 and logged[0] == logged[1]  # every step once, with the same loss
+
+
 def test_resumed_run_keeps_earlier_evaluations_and_records_the_resume(reference, resumed):
     which, run_dir, finished_before = resumed
     expected, metrics = (json.loads((d / "metrics.json").read_text()) for d in (reference, run_dir))

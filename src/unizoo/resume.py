@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from unizoo.checkpoints import last_good_checkpoint, readable
 from unizoo.components.strategies.stages import Stage
 from unizoo.composition import RecipeError
+from unizoo.loss_log import METRICS_CSV, forget_logged_steps
 from unizoo.runs import RECIPE_FILE, stage_checkpoint
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,9 @@ def resume_plan(run_dir: Path, stages: list[Stage], metrics: dict[str, Any]) -> 
         first = not any(entry.train for entry in plan)
         plan.append(StageRun(stage, resume_from=checkpoint, weights=finished if first and checkpoint is None else None))
         if checkpoint is not None:
-            metrics.setdefault("resumed", []).append({"stage": stage.name, "from": str(checkpoint), "step": _step(checkpoint)})
+            step = _step(checkpoint)
+            metrics.setdefault("resumed", []).append({"stage": stage.name, "from": str(checkpoint), "step": step})
+            forget_logged_steps(Path(run_dir) / "logs" / stage.name / METRICS_CSV, step)
     log.info(
         "resuming %s: %s", run_dir,
         "; ".join(

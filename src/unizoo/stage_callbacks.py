@@ -1,6 +1,7 @@
 """The callbacks every training stage runs with, from the recipe: what makes a run survive.
 
-* periodic, atomic checkpoints (`checkpoint.every_n_steps`), which `resume=` restarts from;
+* periodic, atomic checkpoints (`checkpoint.every_n_steps`), which `resume=` restarts from,
+  with the loss logs written up to them;
 * per-step seeding of the RNGs, so a resumed step draws what the uninterrupted one drew;
 * a stop on non-finite losses, before they reach the weights;
 * the generator's EMA (`ema.decay`), in stages that train the generator;
@@ -19,6 +20,7 @@ from unizoo.components.strategies.stages import Stage
 from unizoo.ema import GeneratorEMA
 from unizoo.composition import RecipeError
 from unizoo.faults import check_debug, fault_injection
+from unizoo.loss_log import FlushLogsOnSave
 from unizoo.nonfinite import StopOnNonFiniteLoss
 from unizoo.runs import stage_checkpoint
 from unizoo.step_seeds import StepSeeding
@@ -31,6 +33,7 @@ def stage_callbacks(recipe: DictConfig, stage: Stage, stages: list[Stage], run_d
     every = OmegaConf.select(recipe, "checkpoint.every_n_steps", default=DEFAULT_EVERY_N_STEPS)
     callbacks = [
         periodic_checkpoint(checkpoints, max(1, min(every, stage.steps))),
+        FlushLogsOnSave(),
         StepSeeding(recipe.seed, stage.name),
         StopOnNonFiniteLoss(stage.name, checkpoints, earlier=_earlier_checkpoint(recipe, stage, stages, run_dir)),
         *fault_injection(OmegaConf.select(recipe, "debug"), run_dir, stage.name),

@@ -11,13 +11,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from unizoo.build import build_model
 from unizoo.ema import load_weights, scores_with_and_without_ema
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
 from unizoo.launch import RUN_DIR_VARIABLE, is_primary, shared_run_dir
+from unizoo.loss_log import AppendingCSVLogger
 from unizoo.model import UnifiedModel
 from unizoo.resume import fresh_plan, resume_plan
 from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, read_metrics, stage_checkpoint, write_metrics
@@ -88,7 +88,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
                     recipe.trainer,
                     max_steps=stage.steps,
                     default_root_dir=str(run_dir),
-                    logger=CSVLogger(str(run_dir), name="logs", version=stage.name),
+                    logger=AppendingCSVLogger(str(run_dir), name="logs", version=stage.name),
                     callbacks=stage_callbacks(recipe, stage, stages, run_dir),
                     plugins=trainer_plugins(),
                 )
