@@ -114,3 +114,17 @@ def test_torchrun_launch_trains_one_run(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"untrained", "generation"} <= metrics.keys()
     assert (run_dir / "checkpoints" / "generation.ckpt").is_file() and (run_dir / "tokenizer").is_dir()
+
+
+def test_the_shared_run_dir_variable_is_put_back(clean_launch_env, tmp_path):
+    import os
+
+    from unizoo.launch import share_run_dir
+
+    restore = share_run_dir(tmp_path / "a")
+    assert os.environ[RUN_DIR_VARIABLE] == str(tmp_path / "a")
+    restore()
+    assert RUN_DIR_VARIABLE not in os.environ
+    clean_launch_env.setenv(RUN_DIR_VARIABLE, "outer")
+    share_run_dir(tmp_path / "b")()
+    assert os.environ[RUN_DIR_VARIABLE] == "outer"

@@ -16,6 +16,7 @@ the primary one (global rank 0) writes the recipe, the tokenizer, the evaluation
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from unizoo.composition import RecipeError
@@ -67,3 +68,21 @@ def shared_run_dir(run_root: str | Path, name: str, run_dir: str | Path | None, 
             )
         return shared_run_dir(run_root, name, Path(run_root) / name / job, resume)
     return new_run_dir(run_root, name)
+
+
+def share_run_dir(run_dir: Path) -> Callable[[], None]:
+    """Tell the processes Lightning's launchers start from here which run directory is theirs.
+
+    Returns the function that puts the variable back as it was (runs in one process, such
+    as tests, must not inherit each other's directory).
+    """
+    before = os.environ.get(RUN_DIR_VARIABLE)
+    os.environ[RUN_DIR_VARIABLE] = str(run_dir)
+
+    def restore() -> None:
+        if before is None:
+            os.environ.pop(RUN_DIR_VARIABLE, None)
+        else:
+            os.environ[RUN_DIR_VARIABLE] = before
+
+    return restore

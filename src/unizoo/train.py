@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from unizoo.build import build_model
 from unizoo.ema import load_weights, scores_with_and_without_ema
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
-from unizoo.launch import RUN_DIR_VARIABLE, is_primary, shared_run_dir
+from unizoo.launch import is_primary, share_run_dir, shared_run_dir
 from unizoo.loss_log import AppendingCSVLogger
 from unizoo.model import UnifiedModel
 from unizoo.resume import fresh_plan, resume_plan
@@ -53,8 +52,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
     if primary and not resume:
         OmegaConf.save(recipe, run_dir / RECIPE_FILE, resolve=True)
     handler = _log_to_file(run_dir / "train.log") if primary else logging.NullHandler()
-    inherited = os.environ.get(RUN_DIR_VARIABLE)
-    os.environ[RUN_DIR_VARIABLE] = str(run_dir)  # for the processes Lightning's launchers start
+    unshare_run_dir = share_run_dir(run_dir)
     try:
         log.info("run directory: %s", run_dir)
 
@@ -111,10 +109,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
         # Runs in one process (tests, a study runner) must not log into each other's files.
         logging.getLogger("unizoo").removeHandler(handler)
         handler.close()
-        if inherited is None:
-            os.environ.pop(RUN_DIR_VARIABLE, None)
-        else:
-            os.environ[RUN_DIR_VARIABLE] = inherited
+        unshare_run_dir()
 
 
 def _stages_to_run(strategy, start_stage: str | None, init_checkpoint: str | None) -> list:
