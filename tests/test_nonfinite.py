@@ -55,3 +55,15 @@ def test_bad_debug_position_is_a_usage_error(tiny_overrides, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "debug.nan_at=3: expected '<stage>:<step>' with <stage> one of generation" in error
     assert not (tmp_path / "runs").exists()  # refused before a run directory was made
+
+
+def test_a_spawned_worker_s_non_finite_loss_is_found_in_its_traceback():
+    from torch.multiprocessing import ProcessRaisedException
+
+    from unizoo.nonfinite import raised_in_a_worker
+
+    text = ("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+            "unizoo.nonfinite.NonFiniteLoss: stage 'joint' stopped at step 3: non-finite loss term generation=nan.\n")
+    found = raised_in_a_worker(ProcessRaisedException(text, 1, 123))
+    assert str(found) == "stage 'joint' stopped at step 3: non-finite loss term generation=nan."
+    assert raised_in_a_worker(ProcessRaisedException("RuntimeError: something else", 1, 123)) is None

@@ -60,7 +60,9 @@ def command_recipe(args: argparse.Namespace) -> int:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from unizoo.nonfinite import NonFiniteLoss
+    from torch.multiprocessing import ProcessRaisedException
+
+    from unizoo.nonfinite import NonFiniteLoss, raised_in_a_worker
     from unizoo.resume import resume_recipe, split_resume
     from unizoo.train import train
 
@@ -68,8 +70,11 @@ def command_train(args: argparse.Namespace) -> int:
     recipe = resume_recipe(resume, overrides) if resume else _compose(overrides)
     try:
         run_dir = train(recipe, run_dir=resume, resume=resume is not None)
-    except NonFiniteLoss as error:
-        print(f"unizoo train: {error}", file=sys.stderr)
+    except (NonFiniteLoss, ProcessRaisedException) as error:
+        stopped = error if isinstance(error, NonFiniteLoss) else raised_in_a_worker(error)
+        if stopped is None:
+            raise
+        print(f"unizoo train: {stopped}", file=sys.stderr)
         return TRAINING_FAILED
     print(run_dir)
     return 0

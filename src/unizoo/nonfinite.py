@@ -22,6 +22,13 @@ class NonFiniteLoss(RuntimeError):
     """Training stopped on a NaN or inf loss; the message names the step, the terms and the checkpoint to go back to."""
 
 
+def raised_in_a_worker(error: BaseException) -> NonFiniteLoss | None:
+    """The `NonFiniteLoss` behind a spawned worker's failure (trainer=ddp_cpu), whose traceback arrives as text."""
+    marker = f"{NonFiniteLoss.__module__}.{NonFiniteLoss.__name__}: "
+    lines = [line for line in str(error).splitlines() if line.startswith(marker)]
+    return NonFiniteLoss(lines[-1].removeprefix(marker)) if lines else None
+
+
 class StopOnNonFiniteLoss(L.Callback):
     """Raises `NonFiniteLoss` when the loss about to be backpropagated is not finite.
 
