@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from unizoo.ema import attach_ema
 from unizoo.model import UnifiedModel
 
 
@@ -18,7 +19,7 @@ def build_model(recipe: DictConfig) -> UnifiedModel:
     generator = instantiate(
         recipe.generator, token_dim=token_dim, num_tokens=num_tokens, condition_dim=backbone.hidden_size, _convert_="all"
     )
-    return UnifiedModel(
+    model = UnifiedModel(
         representation=representation,
         backbone=backbone,
         generator=generator,
@@ -26,3 +27,5 @@ def build_model(recipe: DictConfig) -> UnifiedModel:
         optimizer=instantiate(recipe.optimizer, _convert_="all"),
         warmup_steps=recipe.warmup_steps,
     )
+    attach_ema(model, OmegaConf.select(recipe, "ema.decay"))  # recipes from before EMA have none
+    return model

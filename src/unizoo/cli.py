@@ -1,6 +1,7 @@
 """`unizoo train | recipe | sample`: the command line.
 
     unizoo train [recipe=NAME] [group=choice ...] [key=value ...]
+    unizoo train resume=RUN_DIR [trainer.key=value ...]
     unizoo recipe [NAME] [overrides ...]
     unizoo sample RUN_DIR --prompt "two red circles" [--n 8 --steps 30 --guidance 3]
     unizoo caption RUN_DIR IMAGE [IMAGE ...]
@@ -29,6 +30,7 @@ from unizoo.studies.command import command_study
 log = logging.getLogger("unizoo")
 
 USAGE_ERROR = 2
+TRAINING_FAILED = 1
 
 
 class UsageError(Exception):
@@ -65,10 +67,22 @@ def command_recipe(args: argparse.Namespace) -> int:
 
 
 def command_train(args: argparse.Namespace) -> int:
+    from torch.multiprocessing import ProcessRaisedException
+
+    from unizoo.nonfinite import NonFiniteLoss, raised_in_a_worker
+    from unizoo.resume import resume_recipe, split_resume
     from unizoo.train import train
 
-    recipe = _compose(args.overrides)
-    run_dir = train(recipe)
+    resume, overrides = split_resume(args.overrides)
+    recipe = resume_recipe(resume, overrides) if resume else _compose(overrides)
+    try:
+        run_dir = train(recipe, run_dir=resume, resume=resume is not None)
+    except (NonFiniteLoss, ProcessRaisedException) as error:
+        stopped = error if isinstance(error, NonFiniteLoss) else raised_in_a_worker(error)
+        if stopped is None:
+            raise
+        print(f"unizoo train: {stopped}", file=sys.stderr)
+        return TRAINING_FAILED
     print(run_dir)
     return 0
 
@@ -133,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a recipe end to end and write a run directory")
-    train.add_argument("overrides", nargs="*", help="recipe=NAME, group=choice and key=value overrides")
+    train.add_argument("overrides", nargs="*", help="recipe=NAME, group=choice and key=value overrides; or resume=RUN_DIR")
     train.set_defaults(run=command_train)
 
     recipe = commands.add_parser("recipe", help="print a composed recipe")

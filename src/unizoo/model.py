@@ -18,6 +18,7 @@ from torch import nn
 
 from unizoo.components.strategies.stages import Stage
 from unizoo.schedules import warmup_cosine
+from unizoo.sharding import shard
 
 Batch = dict[str, Any]
 
@@ -120,6 +121,10 @@ class UnifiedModel(L.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         losses = self.stage_losses(batch)
         self.log_dict({f"val/{name}": value for name, value in losses.items()}, batch_size=len(batch["caption"]), sync_dist=True)
+
+    def configure_model(self) -> None:
+        # trainer=fsdp (ModelParallelStrategy) hands over a device mesh; other trainers none.
+        shard(self, self.device_mesh)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]

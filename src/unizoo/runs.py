@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from unizoo.build import build_model
+from unizoo.ema import use_ema_weights
 from unizoo.model import UnifiedModel
 
 log = logging.getLogger(__name__)
@@ -48,9 +50,17 @@ def stage_checkpoint(run_dir: Path, stage: str) -> Path:
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Written to a temporary file and renamed, so a kill mid-write leaves the previous scores."""
     path = run_dir / METRICS_FILE
-    path.write_text(json.dumps(metrics, indent=2))
+    tmp = path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, path)
     return path
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def final_checkpoint(run_dir: Path) -> Path:
@@ -83,5 +93,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple
     path = Path(checkpoint) if checkpoint else final_checkpoint(run_dir)
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict(state)
-    log.info("loaded %s", path)
+    if use_ema_weights(model):
+        log.info("loaded %s (generator: its EMA weights)", path)
+    else:
+        log.info("loaded %s", path)
     return recipe, model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -10,19 +11,23 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from unizoo.build import build_model
+from unizoo.ema import ema_weights, has_updates, load_weights, scores_with_and_without_ema
 from unizoo.eval.chance import CHANCE_IMAGES, chance_levels, format_scores
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
+from unizoo.launch import is_primary, share_run_dir, shared_run_dir
+from unizoo.loss_log import AppendingCSVLogger
 from unizoo.model import UnifiedModel
 from unizoo.periodic_evaluation import EvaluationCurve
 from unizoo.progress import PlainProgress
 from unizoo.recipe_types import check_recipe_types
-from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, new_run_dir, stage_checkpoint, write_metrics
+from unizoo.resume import fresh_plan, resume_plan
+from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, read_metrics, stage_checkpoint, write_metrics
 from unizoo.sample_statistics import sample_statistics
+from unizoo.sharding import model_to_fit, take_trained_weights
+from unizoo.stage_callbacks import check_stage_settings, stage_callbacks, trainer_plugins
 from unizoo.throughput import stage_throughput
 from unizoo.vocabulary import run_vocabulary, warn_unknown_words
 
@@ -30,10 +35,15 @@ log = logging.getLogger(__name__)
 
 # Frozen components (the VAE, CLIP towers) stay in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
+# The training sampler resumes mid-epoch from the trainer's restored step (unizoo.data.sampler).
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
-def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
-    """Train every stage of `recipe`'s strategy, evaluating before and after; returns the run directory."""
+def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False) -> Path:
+    """Train every stage of `recipe`'s strategy, evaluating before and after; returns the run directory.
+
+    `resume`: `run_dir` is an interrupted run of `recipe`; continue it (see unizoo.resume).
+    """
     started = time.perf_counter()
     check_recipe_types(recipe)  # a wrong-typed value is named before anything is built
     L.seed_everything(recipe.seed, workers=True, verbose=False)
@@ -42,11 +52,16 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
     model = build_model(recipe)
     strategy = instantiate(recipe.strategy, _convert_="all")
     stages = _stages_to_run(strategy, recipe.start_stage, recipe.init_checkpoint)
+    check_stage_settings(recipe, stages)
 
-    run_dir = Path(run_dir) if run_dir else new_run_dir(recipe.run_root, recipe.name)
+    # Launched as several processes, every one trains but only the primary writes (unizoo.launch).
+    primary = is_primary()
+    run_dir = shared_run_dir(recipe.run_root, recipe.name, run_dir or OmegaConf.select(recipe, "run_dir"), resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(recipe, run_dir / RECIPE_FILE, resolve=True)
-    handler = _log_to_file(run_dir / "train.log")
+    if primary and not resume:
+        OmegaConf.save(recipe, run_dir / RECIPE_FILE, resolve=True)
+    handler = _log_to_file(run_dir / "train.log") if primary else logging.NullHandler()
+    unshare_run_dir = share_run_dir(run_dir)
     try:
         log.info("run directory: %s", run_dir)
 
@@ -54,7 +69,8 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
         datamodule.setup("validate")
         if recipe.init_checkpoint:
             _load_weights(model, recipe.init_checkpoint)
-        model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
+        if primary:
+            model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
         log.info("strategy %s: %s", strategy.name, ", ".join(f"{s.name} ({s.steps} steps)" for s in stages))
 
         with torch.random.fork_rng(devices=[]):  # reading val images must not move training's random stream
@@ -63,55 +79,61 @@ def train(recipe: DictConfig, run_dir: Path | None = None) -> Path:
         log.info("chance levels (%d val images scored against other images' prompts): %s", len(captions), format_scores(chance))
         curve = EvaluationCurve(_evaluations(recipe, datamodule, model, run_dir, chance))
         start = "untrained" if not recipe.init_checkpoint else "start"
-        metrics = {"recipe": recipe.name, "run_dir": str(run_dir), "chance": chance}
-        # The ceiling any generator of this representation can reach: frozen, so measured once.
-        images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
-        metrics["representation"] = RoundTripEvaluation(images, captions, instantiate(recipe.evaluator))(model.representation, run_dir / "round_trip.png")
-        metrics[start] = curve.measure(start)
-        write_metrics(run_dir, metrics)
+        metrics = {"recipe": recipe.name, "run_dir": str(run_dir), "chance": chance, **(read_metrics(run_dir) if resume else {})}
+        if primary and "representation" not in metrics:
+            # The ceiling any generator of this representation can reach: frozen, so measured once.
+            images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
+            metrics["representation"] = RoundTripEvaluation(images, captions, instantiate(recipe.evaluator))(model.representation, run_dir / "round_trip.png")
+        if primary and start not in metrics:
+            metrics[start] = curve.measure(start)
+            write_metrics(run_dir, metrics)
 
-        for stage in stages:
+        for part in resume_plan(run_dir, stages, metrics) if resume else fresh_plan(stages):
+            stage = part.stage
+            if part.weights:
+                _load_weights(model, part.weights)
             model.set_stage(stage)
             stage_started = time.perf_counter()
-            trainer = instantiate(
-                recipe.trainer,
-                max_steps=stage.steps,
-                default_root_dir=str(run_dir),
-                logger=CSVLogger(str(run_dir), name="logs", version=stage.name),
-                callbacks=[
-                    # Periodic, so a crash leaves the last good checkpoint of the stage.
-                    ModelCheckpoint(
-                        dirpath=str(run_dir / "checkpoints" / stage.name),
-                        filename="step{step}",
-                        auto_insert_metric_name=False,
-                        every_n_train_steps=max(1, min(500, stage.steps)),
-                        save_last=True,
-                    ),
-                    PlainProgress(stage.name, recipe.progress_interval, run_dir / "train.log"),  # when output is not a terminal
-                    *curve.callbacks(stage.name, recipe.evaluation.get("every_n_steps")),
-                ],
-            )
-            curve.start_stage(stage.name)
-            trainer.fit(model, datamodule=datamodule)
-            training_seconds = curve.finish_stage(stage.steps)
-            trainer.save_checkpoint(stage_checkpoint(run_dir, stage.name))
-            if trainer.is_global_zero:
-                metrics[stage.name] = curve.measure(stage.name)
-                metrics.setdefault("seconds", {})[stage.name] = round(time.perf_counter() - stage_started, 1)
-                metrics.setdefault("training", {})[stage.name] = stage_throughput(
-                    model, trainer, recipe.data.batch_size, stage.steps, training_seconds
+            if part.train:
+                trainer = instantiate(
+                    recipe.trainer,
+                    max_steps=stage.steps,
+                    default_root_dir=str(run_dir),
+                    logger=AppendingCSVLogger(str(run_dir), name="logs", version=stage.name),
+                    callbacks=[
+                        *stage_callbacks(recipe, stage, stages, run_dir),
+                        PlainProgress(stage.name, recipe.progress_interval, run_dir / "train.log"),  # when output is not a terminal
+                        *curve.callbacks(stage.name, recipe.evaluation.get("every_n_steps")),
+                    ],
+                    plugins=trainer_plugins(),
                 )
+                fitted = model_to_fit(model, trainer)  # a copy where the trainer shards it (trainer=fsdp)
+                curve.start_stage(stage.name)
+                trainer.fit(fitted, datamodule=datamodule, ckpt_path=part.resume_from)
+                training_seconds = curve.finish_stage(stage.steps)
+                trainer.save_checkpoint(stage_checkpoint(run_dir, stage.name))
+                take_trained_weights(model, fitted)
+            if primary:
+                metrics[stage.name] = curve.measure(stage.name)
+                if part.train:
+                    metrics.setdefault("seconds", {})[stage.name] = round(time.perf_counter() - stage_started, 1)
+                if part.train and part.resume_from is None:  # a resumed stage's speed would mix two processes' steps
+                    metrics.setdefault("training", {})[stage.name] = stage_throughput(
+                        model, trainer, recipe.data.batch_size, stage.steps, training_seconds
+                    )
                 metrics["curve"] = curve.points
                 write_metrics(run_dir, metrics)
 
         metrics["seconds_total"] = round(time.perf_counter() - started, 1)
-        write_metrics(run_dir, metrics)
+        if primary:
+            write_metrics(run_dir, metrics)
         log.info("done in %.0f s: %s", metrics["seconds_total"], run_dir)
         return run_dir
     finally:
         # Runs in one process (tests, a study runner) must not log into each other's files.
         logging.getLogger("unizoo").removeHandler(handler)
         handler.close()
+        unshare_run_dir()
 
 
 def _stages_to_run(strategy, start_stage: str | None, init_checkpoint: str | None) -> list:
@@ -129,16 +151,16 @@ def _stages_to_run(strategy, start_stage: str | None, init_checkpoint: str | Non
     return list(strategy.stages[names.index(start_stage) :])
 
 
-def _load_weights(model: UnifiedModel, checkpoint: str) -> None:
+def _load_weights(model: UnifiedModel, checkpoint: str | Path) -> None:
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"init_checkpoint={checkpoint!r} is not a file; stage checkpoints are RUN_DIR/checkpoints/<stage>.ckpt")
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+    load_weights(model, torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
     log.info("weights from %s", path)
 
 
 def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: Path, chance: dict):
-    """`evaluate(phase) -> scores`: samples scored, and captions scored where the backbone reads images."""
+    """`evaluate(phase, full) -> scores`: samples scored, and captions scored where the backbone reads images."""
     prompts = datamodule.prompts("val", recipe.evaluation.prompts)
     warn_unknown_words(model.backbone.tokenizer, prompts, run_vocabulary(run_dir))
     generation = SampleEvaluation(
@@ -157,11 +179,21 @@ def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: P
     statistics = sample_statistics(recipe, datamodule)  # FID, diversity: None unless the recipe asks
 
     def evaluate(phase: str, full: bool = True) -> dict:
-        """Scores of the model now; ``full`` (before and after stages) also writes grids and captions and measures diversity."""
-        images = generation.draw(model)
-        scores = {"generation": generation.score(images, run_dir / f"samples_{phase}.png" if full else None)}
+        """Scores of the model now; ``full`` (before and after stages) also writes grids and captions and measures diversity.
+
+        With an EMA: "generation" scores its weights (what `unizoo sample` draws with), "generation_raw" the
+        trained ones; FID and diversity are of the EMA's samples.
+        """
+        drawn = {}
+
+        def score(suffix: str) -> dict:
+            drawn[suffix] = generation.draw(model)
+            return generation.score(drawn[suffix], run_dir / f"samples_{phase}{suffix}.png" if full else None)
+
+        scores = scores_with_and_without_ema(model, score)
         if statistics is not None:
-            scores.update(statistics(model, images, full))
+            with ema_weights(model) if has_updates(model) else contextlib.nullcontext():
+                scores.update(statistics(model, drawn[""], full))
         if understanding is not None:
             scores["understanding"] = understanding(model, run_dir / f"captions_{phase}.txt" if full else None)
         return scores

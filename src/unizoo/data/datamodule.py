@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from unizoo.data import captions
+from unizoo.data.sampler import ResumableSampler, batches_trained
 from unizoo.data.shapes import Scene, draw_scene, sample_scene
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
@@ -79,11 +80,18 @@ class ShapesDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if train else None
+        sampler, generator = None, None
+        if train:
+            # Shuffled per epoch from `seed`, this process's share under data parallelism, and
+            # continuing where a resumed fit left off (its trainer's restored step).
+            sampler = ResumableSampler(len(self.dataset(split)), seed=self.seed)
+            sampler.start_after(batches_trained(self.trainer), self.batch_size)
+            # The loader draws each iterator's base seed from this, not from the global RNG.
+            generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=sampler,
             drop_last=train,
             generator=generator,
             num_workers=self.num_workers,

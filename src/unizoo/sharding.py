@@ -1,0 +1,87 @@
+"""Fully sharded data parallelism (`trainer=fsdp`): torch's FSDP2 `fully_shard` under Lightning's `ModelParallelStrategy`.
+
+Each block of a layer stack (every element of an `nn.ModuleList`) inside the generator
+and the backbone becomes one unit, all-gathered only while it computes; the EMA is a unit
+of its own that is never gathered (its update works shard by shard); everything else is
+the root unit, gathered around `training_step` and `validation_step`, which are the
+model's forward passes here (it is never called through `forward`).
+
+A sharded model cannot be evaluated or sampled by one process alone, so each stage fits
+a copy (`model_to_fit`) and its trained weights come back to the unsharded model
+(`take_trained_weights`), on every process, before the next stage or evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from unizoo.ema import generator_ema
+
+log = logging.getLogger(__name__)
+
+STACKED = ("generator", "backbone")  # the components whose layer stacks are sharded block by block
+STEP_METHODS = ("training_step", "validation_step")
+
+
+def shard(model: L.LightningModule, mesh) -> None:
+    """Apply `fully_shard` over `mesh` (a no-op without one: other strategies train the module as it is)."""
+    if mesh is None or isinstance(model, FSDPModule):
+        return
+    if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
+        # ModelParallelStrategy's mesh is (data_parallel, tensor_parallel); given both, fully_shard
+        # would replicate over the first and shard over the second (HSDP).
+        mesh = mesh["data_parallel"]
+    for component in STACKED:
+        for stack in getattr(model, component).modules():
+            if isinstance(stack, nn.ModuleList):
+                for block in stack:
+                    fully_shard(block, mesh=mesh)
+    average = generator_ema(model)
+    if average is not None:
+        fully_shard(average, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for method in STEP_METHODS:
+        register_fsdp_forward_method(model, method)
+    held = sum(p.to_local().numel() for p in model.parameters() if isinstance(p, DTensor))
+    total = sum(p.numel() for p in model.parameters())
+    log.info("fully sharded over %d processes: this one holds %d of %d parameters", mesh.size(), held, total)
+
+
+class FullyShardedStrategy(ModelParallelStrategy):
+    """`ModelParallelStrategy` sharding over every process (data-parallel size = world size, no tensor parallelism).
+
+    Lightning's own "auto" would make the data-parallel size the number of nodes and
+    tensor-parallelise within each, which needs a plan unizoo's components do not have.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def is_sharding(trainer: L.Trainer) -> bool:
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def model_to_fit(model: L.LightningModule, trainer: L.Trainer) -> L.LightningModule:
+    """What `trainer.fit` should train: `model`, or a copy of it when the trainer will shard it."""
+    return copy.deepcopy(model) if is_sharding(trainer) else model
+
+
+def take_trained_weights(model: L.LightningModule, fitted: L.LightningModule) -> None:
+    """Gather a sharded copy's weights (a collective: every process calls it) back into `model`."""
+    if fitted is model:
+        return
+    state = get_model_state_dict(fitted, options=StateDictOptions(full_state_dict=True))
+    model.load_state_dict({name: value.detach().cpu() for name, value in state.items()})
