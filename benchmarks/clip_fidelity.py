@@ -117,6 +117,9 @@ def decoder_robustness(path: Path, images: int) -> dict[str, float]:
 
 
 def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v == v]  # a score a run's evaluator did not have yet (NaN) is left out
+    if not values:
+        return "–"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"

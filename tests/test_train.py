@@ -43,7 +43,8 @@ def test_run_directory_holds_everything(tiny_run):
     assert chance["n"] == 64 * 5 and 0.0 <= chance["strict_overall"] <= chance["overall"] < 0.5
     assert {"single_object", "counting", "position", "strict_single", "strict_relation"} <= set(chance)
     logged = [line for line in (tiny_run / "train.log").read_text().splitlines() if "evaluation on 4 prompts" in line]
-    assert len(logged) == 2 and all("strict_overall" in line and "(chance " in line for line in logged), logged
+    # untrained, then after the stage once with the trained weights and once with their EMA
+    assert len(logged) == 3 and all("strict_overall" in line and "(chance " in line for line in logged), logged
     round_trip = metrics["representation"]
     assert 0.0 <= round_trip["round_trip"] <= 1.0 and round_trip["original"] == 1.0  # real images score perfectly
     assert 0.0 <= round_trip["random_features"] <= 1.0  # the floor: random tokens of the real ones' statistics

@@ -62,8 +62,10 @@ class FullyShardedStrategy(ModelParallelStrategy):
     tensor-parallelise within each, which needs a plan unizoo's components do not have.
     """
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+    def __init__(self, save_distributed_checkpoint: bool = True, **kwargs) -> None:
+        # Named, not left in **kwargs, so the recipe type check sees what the value must be.
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
