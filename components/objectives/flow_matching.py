@@ -76,35 +76,33 @@ class FlowMatching(nn.Module):
         # Sampler defaults, used where a caller passes None.
         self.sample_steps, self.guidance = sample_steps, guidance
 
-    def shift_for(self, token_shape: tuple[int, ...]) -> float:
+    def shift_for(self, token_shape: tuple[int, ...] | None = None) -> float:
         """The timestep shift for targets of `token_shape` `(N, C)`: the recipe's number, or RAE's for "auto"."""
         if self.shift != "auto":
             return float(self.shift)
+        if token_shape is None:
+            raise ValueError("shift='auto' depends on the target's shape: pass its token_shape (N, C)")
         shift = dimension_shift(token_shape, self.shift_base_dim)
         if not self._logged_shift:
             log.info("flow matching: shift auto = sqrt(%d x %d / %d) = %.3g", *token_shape, self.shift_base_dim, shift)
             self._logged_shift = True
         return shift
 
-    def sample_sigmas(self, batch: int, device: torch.device, shift: float | None = None) -> torch.Tensor:
-        """Training noise levels `(B,)` in (0, 1); `shift` defaults to the recipe's number (needed for "auto")."""
+    def sample_sigmas(self, batch: int, device: torch.device, token_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Training noise levels `(B,)` in (0, 1) for targets of `token_shape` (needed for "auto")."""
         if self.timestep_sampling == "logit_normal":
             # SD3's logit-normal: more weight on the middle of the path, where the
             # velocity is hardest to predict.
             sigma = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(batch, device=device))
         else:
             sigma = torch.rand(batch, device=device)
-        if shift is None:
-            if self.shift == "auto":
-                raise ValueError("shift='auto' depends on the target's shape: pass shift=objective.shift_for((N, C))")
-            shift = self.shift
-        return shift_sigmas(sigma, shift)
+        return shift_sigmas(sigma, self.shift_for(token_shape))
 
     def loss(self, generator: nn.Module, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Mean squared error of the predicted velocity; `x0` target tokens `(B, N, C)`, cond `(B, Q, D)`."""
         batch = x0.shape[0]
         noise = torch.randn_like(x0)
-        sigma = self.sample_sigmas(batch, x0.device, self.shift_for(tuple(x0.shape[1:])))
+        sigma = self.sample_sigmas(batch, x0.device, tuple(x0.shape[1:]))
         s = sigma.view(batch, *([1] * (x0.dim() - 1))).to(x0.dtype)
         x_t = s * noise + (1 - s) * x0
         drop = torch.rand(batch, device=x0.device) < self.condition_dropout
@@ -113,10 +111,7 @@ class FlowMatching(nn.Module):
 
     def scheduler(self, token_shape: tuple[int, ...] | None = None) -> FlowMatchEulerDiscreteScheduler:
         """diffusers' Euler scheduler with the shift for targets of `token_shape` (needed for "auto")."""
-        shift = self.shift_for(token_shape) if token_shape is not None else self.shift
-        if shift == "auto":
-            raise ValueError("shift='auto' depends on the target's shape: pass scheduler(token_shape=(N, C))")
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=shift)
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift_for(token_shape))
 
     @torch.no_grad()
     def sample(
