@@ -73,10 +73,12 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
             model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
         log.info("strategy %s: %s", strategy.name, ", ".join(f"{s.name} ({s.steps} steps)" for s in stages))
 
-        with torch.random.fork_rng(devices=[]):  # reading val images must not move training's random stream
-            images, captions = first_items(datamodule.val_dataloader(), CHANCE_IMAGES)
-        chance = chance_levels(instantiate(recipe.evaluator), captions, images)
-        log.info("chance levels (%d val images scored against other images' prompts): %s", len(captions), format_scores(chance))
+        chance = None  # only the primary process evaluates, so only it measures the levels scores are read against
+        if primary:
+            with torch.random.fork_rng(devices=[]):  # reading val images must not move training's random stream
+                images, captions = first_items(datamodule.val_dataloader(), CHANCE_IMAGES)
+            chance = chance_levels(instantiate(recipe.evaluator), captions, images)
+            log.info("chance levels (%d val images scored against other images' prompts): %s", len(captions), format_scores(chance))
         curve = EvaluationCurve(_evaluations(recipe, datamodule, model, run_dir, chance))
         start = "untrained" if not recipe.init_checkpoint else "start"
         metrics = {"recipe": recipe.name, "run_dir": str(run_dir), "chance": chance, **(read_metrics(run_dir) if resume else {})}
