@@ -24,6 +24,7 @@ from pathlib import Path
 from hydra.errors import InstantiationException
 
 from unizoo.composition import RecipeError, compose_recipe, split_recipe_override
+from unizoo.data.errors import DataError
 from unizoo.studies.command import add_arguments as add_study_arguments
 from unizoo.studies.command import command_study
 
@@ -187,13 +188,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         return args.run(args)
-    except (RecipeError, UsageError, FileNotFoundError) as error:
+    except (RecipeError, UsageError, FileNotFoundError, DataError) as error:
         print(f"unizoo {args.command}: {error}", file=sys.stderr)
         return USAGE_ERROR
     except InstantiationException as error:
         # A recipe value the component rejects (e.g. generator.size=XXL): the
         # component's own message says what is valid.
         cause = error.__cause__ or error
+        if isinstance(cause, DataError):  # the data, not the recipe: its message names the path and the layout
+            print(f"unizoo {args.command}: {cause}", file=sys.stderr)
+            return USAGE_ERROR
         print(f"unizoo {args.command}: the recipe does not build: {cause}", file=sys.stderr)
         return USAGE_ERROR
 
