@@ -31,23 +31,31 @@ def _keys(dataset) -> list[str]:
     return [dataset[i]["key"] for i in range(len(dataset))]
 
 
-def test_every_good_image_is_served_once_and_every_bad_one_is_counted(folder):
+# The split is a hash of (seed, file name): seed 0 puts the truncated file in val, seed 1 in train.
+@pytest.mark.parametrize(("seed", "split"), [(0, "val"), (1, "train")])
+def test_every_good_image_is_served_and_every_bad_one_is_counted(folder, seed, split):
     root, lines = folder
     assert header_problem(root / "bad" / "truncated.jpg") is None  # only decoding can find this one
-    data = ImageFolderDataModule(path=str(root), image_size=32, batch_size=4, val_fraction=0.25)
+    data = ImageFolderDataModule(path=str(root), image_size=32, batch_size=4, val_fraction=0.25, seed=seed)
     data.setup()
-    assert data.skipped() == {reason: 1 for reason in BAD if reason != "undecodable_image"}
+    listed = [e.key for name in ("train", "val") for e in data.dataset(name).entries]
+    if split == "val":  # the val split is decoded in full when set up
+        assert data.skipped() == BAD and "bad/truncated.jpg" not in listed
+    else:  # the train split when read
+        assert data.skipped() == {reason: 1 for reason in BAD if reason != "undecodable_image"}
+        assert "bad/truncated.jpg" in listed
     served = [*data.val_dataloader(), *torch.utils.data.DataLoader(data.dataset("train"), batch_size=4)]
     keys = [key for batch in served for key in batch["key"]]
     images = torch.cat([batch["image"] for batch in served])
     good = {line["file_name"] for line in lines}
-    # The truncated file stands in for nothing: its place is taken by the next readable image.
-    assert set(keys) == good and len(keys) == GOOD + 1 and "bad/truncated.jpg" not in keys
-    assert images.shape == (GOOD + 1, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    # A train file that fails to decode is replaced by the next readable image.
+    assert set(keys) == good and len(keys) == GOOD + (split == "train") and "bad/truncated.jpg" not in keys
+    assert images.shape == (len(keys), 3, 32, 32) and images.min() >= -1 and images.max() <= 1
     assert data.skipped() == BAD
     captions = {line["file_name"]: line["text"] for line in lines}
     batch = next(iter(data.val_dataloader()))
     assert batch["caption"] == [captions[key] for key in batch["key"]]
+    assert data.prompts("val", 4) == batch["caption"]  # the evaluation's prompts are its reference images' captions
 
 
 def test_split_is_disjoint_deterministic_and_independent_of_line_order(folder, tmp_path):
@@ -98,7 +106,7 @@ def test_modes_become_rgb_with_alpha_on_white_and_sizes_are_centre_cropped():
 
 def test_decode_failures_found_in_worker_processes_are_counted(folder):
     root, _ = folder
-    data = ImageFolderDataModule(path=str(root), batch_size=4, val_fraction=0.25, num_workers=2)
+    data = ImageFolderDataModule(path=str(root), batch_size=4, val_fraction=0.25, num_workers=2, seed=1)  # truncated in train
     data.setup()
     for split in ("train", "val"):
         for _ in torch.utils.data.DataLoader(data.dataset(split), batch_size=4, num_workers=2):

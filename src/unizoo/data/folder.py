@@ -188,6 +188,12 @@ class ImageFolderDataModule(L.LightningDataModule):
             val = [e for e in listing.entries if in_validation(e.key, self.val_fraction, self.seed)]
             train = [e for e in listing.entries if not in_validation(e.key, self.val_fraction, self.seed)]
             self._listing_skips = listing.skipped
+        # The val split is decoded in full once, here: its first images and captions are the
+        # evaluation's references (FID, prompts), which must pair up exactly, so no stand-ins there.
+        # It is the small split; the train split is decoded as it is read (FolderDataset).
+        readable = [e for e in val if self._decodes(e)]
+        self._listing_skips[UNDECODABLE] += len(val) - len(readable)
+        val = readable
         if not train or not val:
             where = "data.val_path" if self.val_root is not None and not val else "data.path"
             raise DataError(
@@ -199,6 +205,14 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataError(f"{self.root}: the train split has {len(train)} readable images, fewer than data.batch_size={self.batch_size}")
         self.datasets = {"train": FolderDataset(train, self.image_size), "val": FolderDataset(val, self.image_size)}
         log.info("data: %s: %d train and %d val images", self.root, len(train), len(val))
+
+    def _decodes(self, entry: Entry) -> bool:
+        try:
+            load_square(entry.path, self.image_size)
+        except DECODE_ERRORS as error:
+            log.warning("data: skipped %s (val split): %s", entry.path, error)
+            return False
+        return True
 
     def _read(self, folder: Path) -> Listing:
         listing = read_listing(folder, self.caption_key)
