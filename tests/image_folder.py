@@ -82,4 +82,9 @@ def file_data_overrides(choice: str, root: Path, count: int = 24) -> list[str]:
     write_image_folder(root / "folder", count)
     if choice == "folder":
         return ["data=folder", f"data.path={root / 'folder'}", "data.val_fraction=0.25"]
+    if choice == "webdataset":
+        from unizoo.data.shard_writer import write_shards
+
+        patterns = write_shards(root / "folder", root / "shards", samples_per_shard=8, val_fraction=0.25)
+        return ["data=webdataset", f"data.urls={patterns['train']}", f"data.val_urls={patterns['val']}"]
     raise ValueError(f"no test data for data={choice}")
