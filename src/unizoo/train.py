@@ -14,9 +14,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from unizoo.build import build_model
+from unizoo.data.skip_report import SkippedSamplesLog, no_scores, skipped_samples
 from unizoo.ema import ema_weights, has_updates, load_weights, scores_with_and_without_ema
 from unizoo.eval.chance import CHANCE_IMAGES, chance_levels, format_scores
-from unizoo.data.skip_report import SkippedSamplesLog, no_scores, skipped_samples
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
 from unizoo.launch import is_primary, share_run_dir, shared_run_dir
 from unizoo.loss_log import AppendingCSVLogger
