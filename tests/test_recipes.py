@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 from hydra.utils import instantiate
 
+from image_folder import file_data_overrides, shapes_free
 from unizoo.build import build_model
 from unizoo.components.strategies.stages import Strategy
 from unizoo.composition import RecipeError, compose_recipe, groups, recipe_names
 
+DRAWN_DATA = {"shapes"}  # data choices that need no files
 GROUP_CHOICES = [(group, choice) for group, choices in groups().items() for choice in choices]
 
 
@@ -29,15 +31,21 @@ def test_every_named_recipe_builds(name, tiny_overrides):
 
 
 @pytest.mark.parametrize(("group", "choice"), GROUP_CHOICES)
-def test_every_group_choice_builds(group, choice, tiny_overrides):
-    recipe = compose_recipe("default", [f"{group}={choice}", *tiny_overrides])
+def test_every_group_choice_builds(group, choice, tiny_overrides, tmp_path):
+    overrides = [f"{group}={choice}", *tiny_overrides]
+    if group == "data" and choice not in DRAWN_DATA:  # data read from files: the test writes some
+        overrides = [*file_data_overrides(choice, tmp_path), *shapes_free(tiny_overrides)]
+    recipe = compose_recipe("default", overrides)
     if group == "trainer":
         trainer = instantiate(recipe.trainer, max_steps=1, logger=False, enable_checkpointing=False)
         assert trainer.max_steps == 1
     elif group == "strategy":
         assert instantiate(recipe.strategy).stages
     elif group == "data":
-        instantiate(recipe.data).setup("fit")
+        data = instantiate(recipe.data)
+        data.setup("fit")
+        assert len(data.prompts("val", 2)) == 2 and data.skipped() is not None
+        assert set(data.vocabulary()) <= set(build_model(recipe).backbone.tokenizer.get_vocab())
     else:
         build_model(recipe)
 

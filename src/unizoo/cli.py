@@ -5,6 +5,7 @@
     unizoo recipe [NAME] [overrides ...]
     unizoo sample RUN_DIR --prompt "two red circles" [--n 8 --steps 30 --guidance 3]
     unizoo caption RUN_DIR IMAGE [IMAGE ...]
+    unizoo shards FOLDER OUT [--samples-per-shard N]
     unizoo study [STUDY] [--select AXIS=A,B] [--seeds N] [--jobs N] [--out DIR] [--launcher local|slurm]
     unizoo bench [attention|peer|all] [--quick] [...]   (from a source checkout)
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from hydra.errors import InstantiationException
 
 from unizoo.composition import RecipeError, compose_recipe, split_recipe_override
+from unizoo.data.errors import DataError
 from unizoo.studies.command import add_arguments as add_study_arguments
 from unizoo.studies.command import command_study
 
@@ -127,6 +129,16 @@ def command_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_shards(args: argparse.Namespace) -> int:
+    from unizoo.data.shard_writer import write_shards
+
+    if args.samples_per_shard < 1 or not 0 <= args.val_fraction < 1:
+        raise UsageError(f"--samples-per-shard must be at least 1 and --val-fraction in [0, 1) (got {args.samples_per_shard}, {args.val_fraction})")
+    patterns = write_shards(args.folder, args.out, args.samples_per_shard, args.val_fraction, args.seed)
+    print(f"data=webdataset 'data.urls={patterns.get('train')}' 'data.val_urls={patterns.get('val')}'")
+    return 0
+
+
 def command_bench(args: argparse.Namespace) -> int:
     # The harness lives in the repository's benchmarks/ (not in the wheel): find the
     # checkout this package was installed from.
@@ -172,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint other than the last stage's")
     caption.set_defaults(run=command_caption)
 
+    shards = commands.add_parser("shards", help="write an image folder (data=folder's layout) as WebDataset .tar shards")
+    shards.add_argument("folder", type=Path, help="a folder with metadata.jsonl (file_name, text per line)")
+    shards.add_argument("out", type=Path, help="where OUT/train-NNNNNN.tar and OUT/val-NNNNNN.tar go")
+    shards.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    shards.add_argument("--val-fraction", type=float, default=0.1, help="share held out as val shards, as data.val_fraction (default 0.1)")
+    shards.add_argument("--seed", type=int, default=0, help="the split's seed, as data.seed (default 0)")
+    shards.set_defaults(run=command_shards)
+
     study = commands.add_parser("study", help="train a grid of recipes (recipes/studies/), one job per variant, and compare them")
     add_study_arguments(study)
     study.set_defaults(run=command_study)
@@ -187,13 +207,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         return args.run(args)
-    except (RecipeError, UsageError, FileNotFoundError) as error:
+    except (RecipeError, UsageError, FileNotFoundError, DataError) as error:
         print(f"unizoo {args.command}: {error}", file=sys.stderr)
         return USAGE_ERROR
     except InstantiationException as error:
         # A recipe value the component rejects (e.g. generator.size=XXL): the
         # component's own message says what is valid.
         cause = error.__cause__ or error
+        if isinstance(cause, DataError):  # the data, not the recipe: its message names the path and the layout
+            print(f"unizoo {args.command}: {cause}", file=sys.stderr)
+            return USAGE_ERROR
         print(f"unizoo {args.command}: the recipe does not build: {cause}", file=sys.stderr)
         return USAGE_ERROR
 

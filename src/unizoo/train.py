@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from unizoo.build import build_model
+from unizoo.data.skip_report import SkippedSamplesLog, no_scores, skipped_samples
 from unizoo.ema import ema_weights, has_updates, load_weights, scores_with_and_without_ema
 from unizoo.eval.chance import CHANCE_IMAGES, chance_levels, format_scores
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
@@ -49,6 +50,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     # Build first: a recipe that does not build leaves no empty run directory behind.
     datamodule = instantiate(recipe.data, _convert_="all")
+    datamodule.setup("fit")  # data on disk is read (and refused, if unusable) before a run directory exists
     model = build_model(recipe)
     strategy = instantiate(recipe.strategy, _convert_="all")
     stages = _stages_to_run(strategy, recipe.start_stage, recipe.init_checkpoint)
@@ -74,7 +76,8 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
         log.info("strategy %s: %s", strategy.name, ", ".join(f"{s.name} ({s.steps} steps)" for s in stages))
 
         chance = None  # only the primary process evaluates, so only it measures the levels scores are read against
-        if primary:
+        exact = getattr(datamodule, "has_exact_evaluator", True)  # the shapes evaluator reads only the shapes data
+        if primary and exact:
             with torch.random.fork_rng(devices=[]):  # reading val images must not move training's random stream
                 images, captions = first_items(datamodule.val_dataloader(), CHANCE_IMAGES)
             chance = chance_levels(instantiate(recipe.evaluator), captions, images)
@@ -82,7 +85,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
         curve = EvaluationCurve(_evaluations(recipe, datamodule, model, run_dir, chance))
         start = "untrained" if not recipe.init_checkpoint else "start"
         metrics = {"recipe": recipe.name, "run_dir": str(run_dir), "chance": chance, **(read_metrics(run_dir) if resume else {})}
-        if primary and "representation" not in metrics:
+        if primary and exact and "representation" not in metrics:
             # The ceiling any generator of this representation can reach: frozen, so measured once.
             images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
             metrics["representation"] = RoundTripEvaluation(images, captions, instantiate(recipe.evaluator))(model.representation, run_dir / "round_trip.png")
@@ -106,6 +109,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
                         *stage_callbacks(recipe, stage, stages, run_dir),
                         PlainProgress(stage.name, recipe.progress_interval, run_dir / "train.log"),  # when output is not a terminal
                         *curve.callbacks(stage.name, recipe.evaluation.get("every_n_steps")),
+                        SkippedSamplesLog(),
                     ],
                     plugins=trainer_plugins(),
                 )
@@ -124,6 +128,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
                         model, trainer, recipe.data.batch_size, stage.steps, training_seconds
                     )
                 metrics["curve"] = curve.points
+                metrics.setdefault("data", {})["skipped"] = skipped_samples(datamodule)
                 write_metrics(run_dir, metrics)
 
         metrics["seconds_total"] = round(time.perf_counter() - started, 1)
@@ -167,14 +172,14 @@ def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: P
     warn_unknown_words(model.backbone.tokenizer, prompts, run_vocabulary(run_dir))
     generation = SampleEvaluation(
         prompts=prompts,
-        evaluator=instantiate(recipe.evaluator),
+        evaluator=instantiate(recipe.evaluator) if getattr(datamodule, "has_exact_evaluator", True) else no_scores,
         steps=recipe.evaluation.steps,
         guidance=recipe.evaluation.guidance,
         seed=recipe.evaluation.seed,
         chance=chance,
     )
     understanding = None
-    if model.backbone.understands_images:
+    if model.backbone.understands_images and getattr(datamodule, "has_exact_evaluator", True):  # it parses shapes captions
         images, truth = first_items(datamodule.val_dataloader(), recipe.evaluation.captions)
         warn_unknown_words(model.backbone.tokenizer, truth, run_vocabulary(run_dir), what="reference caption")
         understanding = CaptionEvaluation(images, truth, instantiate(recipe.understanding_evaluator))
