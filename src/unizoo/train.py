@@ -17,6 +17,7 @@ from unizoo.build import build_model
 from unizoo.ema import ema_weights, has_updates, load_weights, scores_with_and_without_ema
 from unizoo.eval.chance import CHANCE_IMAGES, chance_levels, format_scores
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
+from unizoo.generation_evaluator import generation_evaluator, headline_score
 from unizoo.launch import is_primary, share_run_dir, shared_run_dir
 from unizoo.loss_log import AppendingCSVLogger
 from unizoo.model import UnifiedModel
@@ -73,19 +74,23 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
             model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
         log.info("strategy %s: %s", strategy.name, ", ".join(f"{s.name} ({s.steps} steps)" for s in stages))
 
-        chance = None  # only the primary process evaluates, so only it measures the levels scores are read against
+        evaluator = generation_evaluator(recipe, datamodule)  # exact (shapes), caption-image agreement, or both
+        chance = real = None  # only the primary process evaluates, so only it measures the levels scores are read against
         if primary:
             with torch.random.fork_rng(devices=[]):  # reading val images must not move training's random stream
                 images, captions = first_items(datamodule.val_dataloader(), CHANCE_IMAGES)
-            chance = chance_levels(instantiate(recipe.evaluator), captions, images)
+            chance = chance_levels(evaluator, captions, images)
             log.info("chance levels (%d val images scored against other images' prompts): %s", len(captions), format_scores(chance))
-        curve = EvaluationCurve(_evaluations(recipe, datamodule, model, run_dir, chance))
+            real = evaluator(captions, images)
+            log.info("real val images scored against their own captions (the ceiling): %s", format_scores(real))
+        curve = EvaluationCurve(_evaluations(recipe, datamodule, model, run_dir, chance, evaluator))
         start = "untrained" if not recipe.init_checkpoint else "start"
-        metrics = {"recipe": recipe.name, "run_dir": str(run_dir), "chance": chance, **(read_metrics(run_dir) if resume else {})}
+        metrics = {"recipe": recipe.name, "run_dir": str(run_dir), "chance": chance, "real": real, **(read_metrics(run_dir) if resume else {})}
         if primary and "representation" not in metrics:
             # The ceiling any generator of this representation can reach: frozen, so measured once.
             images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
-            metrics["representation"] = RoundTripEvaluation(images, captions, instantiate(recipe.evaluator))(model.representation, run_dir / "round_trip.png")
+            round_trip = RoundTripEvaluation(images, captions, evaluator, score=headline_score(datamodule))
+            metrics["representation"] = round_trip(model.representation, run_dir / "round_trip.png")
         if primary and start not in metrics:
             metrics[start] = curve.measure(start)
             write_metrics(run_dir, metrics)
@@ -161,13 +166,13 @@ def _load_weights(model: UnifiedModel, checkpoint: str | Path) -> None:
     log.info("weights from %s", path)
 
 
-def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: Path, chance: dict):
+def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: Path, chance: dict, evaluator):
     """`evaluate(phase, full) -> scores`: samples scored, and captions scored where the backbone reads images."""
     prompts = datamodule.prompts("val", recipe.evaluation.prompts)
     warn_unknown_words(model.backbone.tokenizer, prompts, run_vocabulary(run_dir))
     generation = SampleEvaluation(
         prompts=prompts,
-        evaluator=instantiate(recipe.evaluator),
+        evaluator=evaluator,
         steps=recipe.evaluation.steps,
         guidance=recipe.evaluation.guidance,
         seed=recipe.evaluation.seed,
