@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
 
 from unizoo.build import build_model
 from unizoo.components.strategies.stages import Strategy
 from unizoo.composition import RecipeError, compose_recipe, groups, recipe_names
+from unizoo.run_loggers import logger_factory
 
 GROUP_CHOICES = [(group, choice) for group, choices in groups().items() for choice in choices]
 
@@ -29,7 +31,7 @@ def test_every_named_recipe_builds(name, tiny_overrides):
 
 
 @pytest.mark.parametrize(("group", "choice"), GROUP_CHOICES)
-def test_every_group_choice_builds(group, choice, tiny_overrides):
+def test_every_group_choice_builds(group, choice, tiny_overrides, tmp_path):
     recipe = compose_recipe("default", [f"{group}={choice}", *tiny_overrides])
     if group == "trainer":
         trainer = instantiate(recipe.trainer, max_steps=1, logger=False, enable_checkpointing=False)
@@ -38,6 +40,8 @@ def test_every_group_choice_builds(group, choice, tiny_overrides):
         assert instantiate(recipe.strategy).stages
     elif group == "data":
         instantiate(recipe.data).setup("fit")
+    elif group == "logger":
+        assert isinstance(logger_factory(recipe)(tmp_path, "generation"), Logger)
     else:
         build_model(recipe)
 
