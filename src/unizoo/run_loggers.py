@@ -46,9 +46,9 @@ def _needs(package: str) -> Callable:
     return mark
 
 
-def csv(run_dir: str, version: str) -> AppendingCSVLogger:
+def csv(run_dir: str, version: str, **options: Any) -> AppendingCSVLogger:
     """``<run_dir>/logs/<version>/metrics.csv``, continued (not overwritten) by a resumed run."""
-    return AppendingCSVLogger(run_dir, name="logs", version=version)
+    return AppendingCSVLogger(run_dir, name="logs", version=version, **options)
 
 
 @_needs("tensorboard")
