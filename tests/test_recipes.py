@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
 
 from image_folder import file_data_overrides, shapes_free
 from unizoo.build import build_model
 from unizoo.components.strategies.stages import Strategy
 from unizoo.composition import RecipeError, compose_recipe, groups, recipe_names
+from unizoo.run_loggers import logger_factory
 
 DRAWN_DATA = {"shapes"}  # data choices that need no files
 GROUP_CHOICES = [(group, choice) for group, choices in groups().items() for choice in choices]
@@ -46,6 +48,8 @@ def test_every_group_choice_builds(group, choice, tiny_overrides, tmp_path):
         data.setup("fit")
         assert len(data.prompts("val", 2)) == 2 and data.skipped() is not None
         assert set(data.vocabulary()) <= set(build_model(recipe).backbone.tokenizer.get_vocab())
+    elif group == "logger":
+        assert isinstance(logger_factory(recipe)(tmp_path, "generation"), Logger)
     else:
         build_model(recipe)
 

@@ -227,7 +227,9 @@ class CLIPRepresentation(nn.Module):
             }
             self.decoder.prepare(datamodule, self.encode, features)
 
-    def _load_tiny_clip(self, datamodule: L.LightningDataModule) -> None:
+    def tiny_clip_directory(self, datamodule: L.LightningDataModule) -> Path:
+        """The cached tiny CLIP of this recipe and data (pretrained now if missing): a complete
+        `CLIPModel` directory with both towers, its tokenizer and pixel statistics."""
         signature = self.cache_signature(datamodule)
         tokenizer = clip_tokenizer(signature["vocabulary"])
 
@@ -238,7 +240,11 @@ class CLIPRepresentation(nn.Module):
             save_clip(model, tokenizer, directory)
 
         entry, reused = cached_directory("clip", signature, build)
-        log.info("representation: %s the tiny CLIP at %s", "reusing" if reused else "pretrained and cached", entry)
+        log.info("%s the tiny CLIP at %s", "reusing" if reused else "pretrained and cached", entry)
+        return entry
+
+    def _load_tiny_clip(self, datamodule: L.LightningDataModule) -> None:
+        entry = self.tiny_clip_directory(datamodule)
         self.vision.load_state_dict(CLIPModel.from_pretrained(entry).vision_model.state_dict())
 
     @torch.no_grad()

@@ -106,18 +106,19 @@ class RoundTripEvaluation:
     images: torch.Tensor
     captions: Sequence[str]
     evaluator: Callable[[list[str], torch.Tensor], dict[str, float]]
+    score: str = "overall"  # the evaluator's score compared ("agreement" on data without an exact evaluator)
 
     def __call__(self, representation: torch.nn.Module, grid_path: Path) -> dict[str, float]:
         start = time.perf_counter()
         tokens = representation.encode(self.images)
         decoded = representation.decode(tokens).float().cpu()
-        original = self.evaluator(list(self.captions), self.images)["overall"]
-        round_trip = self.evaluator(list(self.captions), decoded)["overall"]
+        original = self.evaluator(list(self.captions), self.images)[self.score]
+        round_trip = self.evaluator(list(self.captions), decoded)[self.score]
         # The floor: what decoding tokens that merely look like the real ones (same mean and std
         # per token and channel, no image behind them) scores against the same captions. A
         # decoder that draws clean shapes from anything lifts this above zero.
         random_tokens = random_like_statistics(tokens, torch.Generator().manual_seed(0))
-        random_features = self.evaluator(list(self.captions), representation.decode(random_tokens).float().cpu())["overall"]
+        random_features = self.evaluator(list(self.captions), representation.decode(random_tokens).float().cpu())[self.score]
         shown = min(16, len(self.captions))  # originals above, their round trips below
         save_grid(torch.cat([self.images[:shown], decoded[:shown]]), grid_path, captions=[*self.captions[:shown]] * 2, columns=shown)
         scores = {
@@ -127,8 +128,8 @@ class RoundTripEvaluation:
             "random_features": random_features,
         }
         log.info(
-            "representation round trip on %d images (%.0f s): evaluator overall %.3f -> %.3f (ratio %.3f); "
+            "representation round trip on %d images (%.0f s): evaluator %s %.3f -> %.3f (ratio %.3f); "
             "random tokens of the same statistics decode to %.3f -> %s",
-            len(self.captions), time.perf_counter() - start, original, round_trip, scores["ratio"], random_features, grid_path,
+            len(self.captions), time.perf_counter() - start, self.score, original, round_trip, scores["ratio"], random_features, grid_path,
         )
         return scores

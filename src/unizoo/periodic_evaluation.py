@@ -27,8 +27,9 @@ Evaluate = Callable[[str, bool], dict]  # (phase, full) -> scores; full adds the
 class EvaluationCurve:
     """Evaluations recorded as points; the run says when a stage's training starts and finishes."""
 
-    def __init__(self, evaluate: Evaluate) -> None:
+    def __init__(self, evaluate: Evaluate, on_point: Callable[[dict], None] | None = None) -> None:
         self.evaluate = evaluate
+        self.on_point = on_point  # receives each point as it is recorded (the run's loggers: unizoo.experiment_log)
         self.points: list[dict[str, Any]] = []
         self.steps_before = 0  # optimiser steps of the finished stages
         self.seconds_before = 0.0  # training seconds of the finished stages
@@ -63,6 +64,8 @@ class EvaluationCurve:
         self.points.append(
             {"phase": phase, "stage": self._stage, "step": step, "steps": steps, "train_seconds": round(seconds, 2), **scores}
         )
+        if self.on_point is not None:
+            self.on_point(self.points[-1])
         return scores
 
     def callbacks(self, stage: str, every_n_steps: int | None) -> list[Callback]:

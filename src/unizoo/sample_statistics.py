@@ -16,6 +16,7 @@ from unizoo.eval.diversity import SampleDiversity
 from unizoo.eval.features import image_features
 from unizoo.eval.frechet import FrechetDistance
 from unizoo.evaluation import first_items
+from unizoo.generation_evaluator import has_exact_evaluator
 from unizoo.model import UnifiedModel
 
 
@@ -42,7 +43,8 @@ class SampleStatistics:
 def sample_statistics(recipe: DictConfig, datamodule: L.LightningDataModule) -> SampleStatistics | None:
     """The recipe's FID and diversity evaluation, or None where both are off."""
     evaluation = recipe.evaluation
-    fid = bool(evaluation.get("fid", False))
+    # Data without an exact evaluator is judged by distribution scores: FID is always on for it.
+    fid = bool(evaluation.get("fid", False)) or not has_exact_evaluator(datamodule)
     diversity = evaluation.get("diversity") or {}
     diversity_prompts = int(diversity.get("prompts") or 0)
     if not fid and not diversity_prompts:

@@ -14,17 +14,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from unizoo.build import build_model
-from unizoo.data.skip_report import SkippedSamplesLog, no_scores, skipped_samples
+from unizoo.data.skip_report import SkippedSamplesLog, skipped_samples
 from unizoo.ema import ema_weights, has_updates, load_weights, scores_with_and_without_ema
 from unizoo.eval.chance import CHANCE_IMAGES, chance_levels, format_scores
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
+from unizoo.generation_evaluator import generation_evaluator, headline_score
 from unizoo.launch import is_primary, share_run_dir, shared_run_dir
-from unizoo.loss_log import AppendingCSVLogger
+from unizoo.experiment_log import EvaluationLog
 from unizoo.model import UnifiedModel
 from unizoo.periodic_evaluation import EvaluationCurve
 from unizoo.progress import PlainProgress
 from unizoo.recipe_types import check_recipe_types
 from unizoo.resume import fresh_plan, resume_plan
+from unizoo.run_loggers import logger_factory
 from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, read_metrics, stage_checkpoint, write_metrics
 from unizoo.sample_statistics import sample_statistics
 from unizoo.sharding import model_to_fit, take_trained_weights
@@ -55,6 +57,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
     strategy = instantiate(recipe.strategy, _convert_="all")
     stages = _stages_to_run(strategy, recipe.start_stage, recipe.init_checkpoint)
     check_stage_settings(recipe, stages)
+    make_logger = logger_factory(recipe)  # recipes/logger/: a missing package is named before anything trains
 
     # Launched as several processes, every one trains but only the primary writes (unizoo.launch).
     primary = is_primary()
@@ -64,6 +67,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
         OmegaConf.save(recipe, run_dir / RECIPE_FILE, resolve=True)
     handler = _log_to_file(run_dir / "train.log") if primary else logging.NullHandler()
     unshare_run_dir = share_run_dir(run_dir)
+    evaluation_log = None
     try:
         log.info("run directory: %s", run_dir)
 
@@ -75,20 +79,25 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
             model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
         log.info("strategy %s: %s", strategy.name, ", ".join(f"{s.name} ({s.steps} steps)" for s in stages))
 
-        chance = None  # only the primary process evaluates, so only it measures the levels scores are read against
-        exact = getattr(datamodule, "has_exact_evaluator", True)  # the shapes evaluator reads only the shapes data
-        if primary and exact:
+        evaluator = generation_evaluator(recipe, datamodule)  # exact (shapes), caption-image agreement, or both
+        chance = real = None  # only the primary process evaluates, so only it measures the levels scores are read against
+        if primary:
             with torch.random.fork_rng(devices=[]):  # reading val images must not move training's random stream
                 images, captions = first_items(datamodule.val_dataloader(), CHANCE_IMAGES)
-            chance = chance_levels(instantiate(recipe.evaluator), captions, images)
+            chance = chance_levels(evaluator, captions, images)
             log.info("chance levels (%d val images scored against other images' prompts): %s", len(captions), format_scores(chance))
-        curve = EvaluationCurve(_evaluations(recipe, datamodule, model, run_dir, chance))
+            real = evaluator(captions, images)
+            log.info("real val images scored against their own captions (the ceiling): %s", format_scores(real))
+        # Scores and sample grids also go to the run's logger (its "evaluation" version), at steps counted across stages.
+        evaluation_log = EvaluationLog(make_logger(run_dir, "evaluation"), run_dir) if primary else None
+        curve = EvaluationCurve(_evaluations(recipe, datamodule, model, run_dir, chance, evaluator), on_point=evaluation_log)
         start = "untrained" if not recipe.init_checkpoint else "start"
-        metrics = {"recipe": recipe.name, "run_dir": str(run_dir), "chance": chance, **(read_metrics(run_dir) if resume else {})}
-        if primary and exact and "representation" not in metrics:
+        metrics = {"recipe": recipe.name, "run_dir": str(run_dir), "chance": chance, "real": real, **(read_metrics(run_dir) if resume else {})}
+        if primary and "representation" not in metrics:
             # The ceiling any generator of this representation can reach: frozen, so measured once.
             images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
-            metrics["representation"] = RoundTripEvaluation(images, captions, instantiate(recipe.evaluator))(model.representation, run_dir / "round_trip.png")
+            round_trip = RoundTripEvaluation(images, captions, evaluator, score=headline_score(datamodule))
+            metrics["representation"] = round_trip(model.representation, run_dir / "round_trip.png")
         if primary and start not in metrics:
             metrics[start] = curve.measure(start)
             write_metrics(run_dir, metrics)
@@ -104,7 +113,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
                     recipe.trainer,
                     max_steps=stage.steps,
                     default_root_dir=str(run_dir),
-                    logger=AppendingCSVLogger(str(run_dir), name="logs", version=stage.name),
+                    logger=make_logger(run_dir, stage.name),
                     callbacks=[
                         *stage_callbacks(recipe, stage, stages, run_dir),
                         PlainProgress(stage.name, recipe.progress_interval, run_dir / "train.log"),  # when output is not a terminal
@@ -137,6 +146,8 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
         log.info("done in %.0f s: %s", metrics["seconds_total"], run_dir)
         return run_dir
     finally:
+        if evaluation_log is not None:
+            evaluation_log.close()
         # Runs in one process (tests, a study runner) must not log into each other's files.
         logging.getLogger("unizoo").removeHandler(handler)
         handler.close()
@@ -166,13 +177,13 @@ def _load_weights(model: UnifiedModel, checkpoint: str | Path) -> None:
     log.info("weights from %s", path)
 
 
-def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: Path, chance: dict):
+def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: Path, chance: dict, evaluator):
     """`evaluate(phase, full) -> scores`: samples scored, and captions scored where the backbone reads images."""
     prompts = datamodule.prompts("val", recipe.evaluation.prompts)
     warn_unknown_words(model.backbone.tokenizer, prompts, run_vocabulary(run_dir))
     generation = SampleEvaluation(
         prompts=prompts,
-        evaluator=instantiate(recipe.evaluator) if getattr(datamodule, "has_exact_evaluator", True) else no_scores,
+        evaluator=evaluator,
         steps=recipe.evaluation.steps,
         guidance=recipe.evaluation.guidance,
         seed=recipe.evaluation.seed,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from unizoo.data.skips import describe_skipped
@@ -26,8 +25,3 @@ class SkippedSamplesLog(Callback):
         if skipped and trainer.is_global_zero:
             log.warning("data: epoch %d: skipped %s so far in this run (bad files are never trained on)",
                         trainer.current_epoch, describe_skipped(skipped))
-
-
-def no_scores(prompts: list[str], images: torch.Tensor) -> dict[str, float]:
-    """The evaluator of data without an exact one: sample grids are still drawn, nothing is parsed."""
-    return {}
