@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import STAGE_STEPS, TINY_OVERRIDES
 from unizoo.build import build_model
-from unizoo.cache_targets import cache_targets
+from unizoo.cache_targets import cache_targets, encoded_batches
 from unizoo.cli import main
 from unizoo.composition import compose_recipe
-from unizoo.data.target_shards import TargetShards, TargetsMismatch
+from unizoo.data.target_shards import TargetShards, TargetsMismatch, write_shards
 from unizoo.data.with_targets import TargetsDataset, attach_cached_targets
 from unizoo.train import train
 
@@ -153,3 +153,31 @@ def test_cache_targets_needs_a_folder_and_keeps_a_matching_cache(vae_cache, tmp_
     assert "is not a target cache" in capsys.readouterr().err
     assert main(["train", *overrides, f"targets={tmp_path / 'missing'}"]) == 2
     assert "no target cache there" in capsys.readouterr().err
+
+
+def test_items_the_data_set_skips_have_no_target(vae_cache, tmp_path):
+    """A data set may give None for an unreadable item (its loader's collate drops it): no target, no gap."""
+    _, overrides = vae_cache
+    recipe = compose_recipe("default", overrides)
+    model = build_model(recipe)
+    shapes = instantiate(recipe.data).dataset("train")
+
+    class SkipsThree(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            return None if index == 3 else shapes[index]
+
+    manifest = write_shards(tmp_path / "cache", {"made": "here"},
+                            encoded_batches(model.representation, SkipsThree(), 4, 0, torch.device("cpu"), progress=False),
+                            10, items_per_shard=4)
+    assert (manifest["items"], manifest["targets"]) == (10, 9) and [s["items"] for s in manifest["shards"]] == [4, 4, 1]
+    shards = TargetShards(tmp_path / "cache")
+    dataset = TargetsDataset(SkipsThree(), shards)
+    assert dataset[3] is None
+    for index in (2, 4, 9):  # the items after the skipped one keep their own targets
+        torch.testing.assert_close(dataset[index]["target"], model.representation.encode(shapes[index]["image"][None])[0],
+                                   rtol=0, atol=1e-5)
+    with pytest.raises(KeyError, match="item 3 has no target"):
+        shards[3]

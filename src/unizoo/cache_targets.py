@@ -18,12 +18,13 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from unizoo.composition import RecipeError
@@ -43,16 +44,35 @@ def _device(name: str) -> torch.device:
 def encoded_batches(representation, dataset, batch_size: int, num_workers: int, device: torch.device,
                     progress: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`(indices, targets)` for every item of `dataset` in order, targets as `representation.encode` returns them."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_present_items)
     bar = tqdm(total=len(dataset), desc="cache-targets", unit="img", file=sys.stderr, disable=not progress, mininterval=2)
-    start = 0
     with bar:
-        for batch in loader:
-            images = batch["image"]
-            targets = representation.encode(images.to(device)).float().cpu()
-            yield torch.arange(start, start + len(images)), targets
-            start += len(images)
-            bar.update(len(images))
+        for indices, images, asked in loader:
+            if len(indices):
+                yield indices, representation.encode(images.to(device)).float().cpu()
+            bar.update(asked)
+
+
+class _Indexed(Dataset):
+    """`(i, dataset[i])`: each item with its index, so items the data set skips leave no gap in the matching."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+
+def _present_items(pairs: list[tuple[int, Any]]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(indices, images) of the items that are there (a data set may give None for an unreadable one), and the batch size asked."""
+    present = [(index, item) for index, item in pairs if item is not None]
+    indices = torch.tensor([index for index, _ in present], dtype=torch.int64)
+    images = default_collate([item["image"] for _, item in present]) if present else None
+    return indices, images, len(pairs)
 
 
 def cache_targets(recipe: DictConfig, items_per_shard: int = 4096, batch_size: int | None = None,
@@ -91,9 +111,10 @@ def cache_targets(recipe: DictConfig, items_per_shard: int = 4096, batch_size: i
                               OmegaConf.select(recipe, "data.num_workers", default=0) or 0, target, progress)
     manifest = write_shards(directory, signature, batches, len(dataset), items_per_shard)
     log.info(
-        "targets: cached all %d items of the training split (data.train_size=%s) as %s %s tokens in %d shard(s), "
+        "targets: cached all %d items of the training split (data.train_size=%s%s) as %s %s tokens in %d shard(s), "
         "%.1f MB on disk, at %s; train from them with `unizoo train targets=%s` and the same overrides",
-        manifest["items"], OmegaConf.select(recipe, "data.train_size", default="-"), "x".join(map(str, manifest["shape"])), manifest["dtype"], len(manifest["shards"]),
+        manifest["items"], OmegaConf.select(recipe, "data.train_size", default="-"),
+        f"; {manifest['items'] - manifest['targets']} unreadable, skipped" if manifest["targets"] < manifest["items"] else "", "x".join(map(str, manifest["shape"])), manifest["dtype"], len(manifest["shards"]),
         manifest["bytes"] / 1e6, directory, directory,
     )
     return directory

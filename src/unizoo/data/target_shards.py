@@ -140,12 +140,13 @@ def write_shards(
                     flush()
         if pending:
             flush()
-        if seen != items:
-            raise RuntimeError(f"encoded {seen} items, expected {items}")
+        if seen > items:
+            raise RuntimeError(f"encoded {seen} items, the training split has {items}")
         manifest = {
             "format": FORMAT,
             "hash": content_hash(signature),
-            "items": items,
+            "items": items,  # the training split's size; `targets` fewer where the data set skipped unreadable items
+            "targets": seen,
             "shape": shape,
             "dtype": dtype,
             "shards": shards,
@@ -183,7 +184,8 @@ class TargetShards:
             raise RecipeError(f"targets={directory}: cache format {manifest.get('format')!r}, this unizoo reads {FORMAT}; write it again")
         self.manifest, self.items = manifest, int(manifest["items"])
         # Where every item lives: (shard, row). Read from the shards' own `indices`, so nothing
-        # assumes the order they were written in; every item must be there exactly once.
+        # assumes the order they were written in; each item at most once, and all but those
+        # the data set skipped as unreadable when the cache was written (manifest "targets" < "items").
         self.shard_of = torch.full((self.items,), -1, dtype=torch.int64)
         self.row_of = torch.full((self.items,), -1, dtype=torch.int64)
         for number, shard in enumerate(manifest["shards"]):
@@ -196,8 +198,9 @@ class TargetShards:
                 raise RecipeError(f"targets={directory}: shard {path} holds item indices outside 0..{self.items - 1} or twice")
             self.shard_of[indices] = number
             self.row_of[indices] = torch.arange(len(indices))
-        if (self.shard_of < 0).any():
-            raise RecipeError(f"targets={directory}: {(self.shard_of < 0).sum()} of {self.items} items have no target; write the cache again")
+        missing = int((self.shard_of < 0).sum())
+        if missing != self.items - manifest.get("targets", self.items):
+            raise RecipeError(f"targets={directory}: {missing} of {self.items} items have no target; write the cache again")
         self._handles: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -205,6 +208,9 @@ class TargetShards:
 
     def __getitem__(self, index: int) -> torch.Tensor:
         shard = int(self.shard_of[index])
+        if shard < 0:
+            raise KeyError(f"item {index} has no target in {self.directory}: the data set skipped it (unreadable) when "
+                           "the cache was written, and gives it now; write the cache again")
         if shard not in self._handles:
             path = self.directory / self.manifest["shards"][shard]["file"]
             self._handles[shard] = safe_open(str(path), framework="pt").get_slice("targets")

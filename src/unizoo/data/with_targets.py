@@ -33,8 +33,10 @@ class TargetsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.base[index], "target": self.targets[index]}
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.base[index]
+        # None: an item the data set skips (unreadable), whose loader's collate drops it; it has no target either.
+        return None if item is None else {**item, "target": self.targets[index]}
 
 
 class _TrainSplitWithTargets:
