@@ -1,4 +1,4 @@
-"""`python -m benchmarks.run [attention|peer|variants|all] [--quick] [--out DIR] [--repeats N] ...`
+"""`python -m benchmarks.run [attention|peer|variants|targets|all] [--quick] [--out DIR] [--repeats N] ...`
 
 Run from the repository root. Progress lines go to stderr, one per measurement; the
 Markdown tables go to stdout at the end; JSON + Markdown are written under
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .attention_backends import AttentionConfig, run_attention
+from .cached_targets import TargetsConfig, run_cached_targets
 from .measure import measured_peaks, memory_method
 from .peer_dit import run_peer
 from .peer_models import PeerConfig
@@ -34,7 +35,7 @@ def _progress(line: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", nargs="?", default="all", choices=("attention", "peer", "variants", "all"),
+    parser.add_argument("benchmark", nargs="?", default="all", choices=("attention", "peer", "variants", "targets", "all"),
                         help="which benchmark (default all)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1-2 repeats: a smoke test of the harness")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results root (default {DEFAULT_OUT})")
@@ -61,7 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--select", nargs="+", default=None, metavar="AXIS=CHOICE[,CHOICE]",
                        help="keep only these choices of an axis of the grid, e.g. objective=flow_matching "
                             "strategy=sequential (default: every cell)")
+    group = parser.add_argument_group("targets (a training step encoding the target vs reading it from unizoo cache-targets)")
+    group.add_argument("--targets-batch", type=int, default=None, help="images per step (default 64, the default recipe's; --quick: 4)")
     return parser
+
+
+def _targets_config(args) -> TargetsConfig:
+    cfg = TargetsConfig.quick() if args.quick else TargetsConfig()
+    overrides = {"batch": args.targets_batch, "warmup": args.warmup, "repeats": args.repeats}
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _variants_config(args, parser: argparse.ArgumentParser) -> VariantsConfig:
@@ -135,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _progress(f"CLIP/VAE {pair['size']} {pair['clip']} {pair['stage']}: {pair['ratio']:.2f}x images/s "
                       f"({'reaches' if pair['reaches_target'] else 'below'} {result['target_ratio']:g}x)")
         report("variants", result)
+    if args.benchmark in ("targets", "all"):
+        report("cached_targets", run_cached_targets(_targets_config(args), device, peaks, progress=_progress))
     print("\n\n".join(tables))
     return 0
 

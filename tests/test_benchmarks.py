@@ -51,6 +51,7 @@ def quick_run(tmp_path_factory):
     assert len(folders) == 1, folders
     folder = folders[0]
     assert (folder / "variants-quick.json").is_file() and (folder / "variants-quick.md").is_file()  # `all` runs it
+    assert (folder / "cached_targets-quick.json").is_file() and (folder / "cached_targets-quick.md").is_file()  # and this
     return {
         "folder": folder,
         "stdout": process.stdout,
@@ -247,6 +248,45 @@ def test_variants_markdown_and_clip_vae_ratio(variants_run):
     assert f"flow_matching/sequential/generation {ratio:.2f}x ({verdict} 3x)" in line.group(1)
     assert "stages with a generation loss reach 3x" in line.group(1)
     assert "CLIP/VAE images/s, generator tiny:" in variants_run["stdout"]  # the printed table is the same Markdown
+
+
+# ---------------------------------------------------------------- pre-extracted targets
+
+
+@pytest.fixture(scope="module")
+def targets_run(tmp_path_factory):
+    """``benchmarks.run targets --quick``: a training step encoding the target vs reading it from a cache."""
+    out = tmp_path_factory.mktemp("targets")
+    process = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "targets", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    (folder,) = out.iterdir()
+    return {"result": json.loads((folder / "cached_targets-quick.json").read_text()),
+            "md": (folder / "cached_targets-quick.md").read_text(), "stderr": process.stderr}
+
+
+def test_cached_targets_rows(targets_run):
+    result, md = targets_run["result"], targets_run["md"]
+    assert result["quick"] is True and result["config"]["batch"] == 4
+    rows = {r["representation"]: r for r in result["rows"]}
+    assert set(rows) == {"vae", "clip"}
+    for name, row in rows.items():
+        assert row["status"] == "ok", row
+        _positive_finite(row, ["on_the_fly_step_ms", "cached_step_ms", "on_the_fly_images_per_s", "cached_images_per_s",
+                               "speedup", "extraction_images_per_s", "cache_bytes_per_item"])
+        assert row["on_the_fly_load_ms"] >= 0 and row["cached_load_ms"] >= 0
+        assert row["speedup"] == row["on_the_fly_step_ms"] / row["cached_step_ms"]
+        assert row["cached_images_per_s"] == pytest.approx(4 / (row["cached_step_ms"] / 1e3))
+        assert len(row["on_the_fly_times_ms"]) == len(row["cached_times_ms"]) == result["config"]["repeats"]
+        assert row["cached_batches_had_targets"]  # the cached steps really read targets, the others did not
+        assert (row["tokens"], row["channels"]) == {"vae": (64, 4), "clip": (64, 64)}[name]
+        # float32 targets: at least 4 bytes a number, plus the index and a small header per shard
+        assert 4 * row["tokens"] * row["channels"] <= row["cache_bytes_per_item"] < 4 * row["tokens"] * row["channels"] + 1000
+        assert row["items"] == result["config"]["items"]
+        assert re.search(rf"^\| {name} \| 4 \| {row['tokens']} x {row['channels']} \| ", md, re.M), name
+        assert f"targets {name}" in targets_run["stderr"]
 
 
 CHOICE_TARGETS = {"vae": ".VAERepresentation", "clip": ".CLIPRepresentation", "mse": ".MSERegression",

@@ -2,6 +2,7 @@
 
     unizoo train [recipe=NAME] [group=choice ...] [key=value ...]
     unizoo train resume=RUN_DIR [trainer.key=value ...]
+    unizoo cache-targets targets=DIR [overrides ...]   (then: unizoo train targets=DIR [the same overrides])
     unizoo recipe [NAME] [overrides ...]
     unizoo sample RUN_DIR --prompt "two red circles" [--n 8 --steps 30 --guidance 3]
     unizoo caption RUN_DIR IMAGE [IMAGE ...]
@@ -89,6 +90,13 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_cache_targets(args: argparse.Namespace) -> int:
+    from unizoo.cache_targets import cache_targets
+
+    print(cache_targets(_compose(args.overrides), args.items_per_shard, args.batch_size, args.device))
+    return 0
+
+
 def command_sample(args: argparse.Namespace) -> int:
     from unizoo.images import save_grid, save_images
     from unizoo.runs import load_run
@@ -161,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a recipe end to end and write a run directory")
     train.add_argument("overrides", nargs="*", help="recipe=NAME, group=choice and key=value overrides; or resume=RUN_DIR")
     train.set_defaults(run=command_train)
+
+    cache = commands.add_parser("cache-targets", help="encode the training set once through the frozen representation, for train targets=DIR")
+    cache.add_argument("overrides", nargs="*", help="targets=DIR (where to write) and the run's recipe=NAME, group=choice, key=value overrides")
+    cache.add_argument("--items-per-shard", type=int, default=4096, help="targets per safetensors shard (default 4096)")
+    cache.add_argument("--batch-size", type=int, default=None, help="images per encoder call (default: data.batch_size)")
+    cache.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    cache.set_defaults(run=command_cache_targets)
 
     recipe = commands.add_parser("recipe", help="print a composed recipe")
     recipe.add_argument("name", nargs="?", default=None, help="a named recipe (default: default)")

@@ -94,7 +94,10 @@ class UnifiedModel(L.LightningModule):
     # ------------------------------------------------------------------ losses
     def generation_loss(self, batch: Batch) -> torch.Tensor:
         """Text -> image: the objective's loss on the representation's target tokens."""
-        targets = self.representation.encode(batch["image"])
+        # A batch from a target cache (`targets=DIR`, unizoo.data.with_targets) carries the tokens
+        # encode() would return, extracted once for every representation alike; a present-key check,
+        # not a branch on the representation.
+        targets = batch["target"] if "target" in batch else self.representation.encode(batch["image"])
         condition = self.backbone.condition(batch["caption"])
         return self.objective.loss(self.generator, targets, condition)
 

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from unizoo.build import build_model
 from unizoo.data.skip_report import SkippedSamplesLog, skipped_samples
+from unizoo.data.with_targets import attach_cached_targets
 from unizoo.ema import ema_weights, has_updates, load_weights, scores_with_and_without_ema
 from unizoo.eval.chance import CHANCE_IMAGES, chance_levels, format_scores
 from unizoo.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
@@ -53,6 +54,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
     # Build first: a recipe that does not build leaves no empty run directory behind.
     datamodule = instantiate(recipe.data, _convert_="all")
     datamodule.setup("fit")  # data on disk is read (and refused, if unusable) before a run directory exists
+    attach_cached_targets(datamodule, recipe)  # targets=DIR: batches carry pre-extracted targets (checked here)
     model = build_model(recipe)
     strategy = instantiate(recipe.strategy, _convert_="all")
     stages = _stages_to_run(strategy, recipe.start_stage, recipe.init_checkpoint)

@@ -1,0 +1,91 @@
+"""Training from pre-extracted targets (`targets=DIR`): every training item also carries its `"target"`.
+
+The target is looked up by the item's index in the training split, the same index the
+sampler hands the data set, so shuffling, data-parallel sharding and a resumed run's
+skipped batches all stay matched to the right targets. Images and captions stay in the
+item: the understanding loss and evaluation still need them; only the generator's
+target comes from the cache.
+
+Works with any data module whose training loader reads `dataset("train")`, a map-style
+data set (the agreed data-module interface: shapes, folder); a streamed training set
+(webdataset) has no item index to match on and is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sized
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
+
+from unizoo.composition import RecipeError
+from unizoo.data.target_shards import TargetShards, check_signature, targets_signature
+
+
+class TargetsDataset(Dataset):
+    """`base[i]` plus `"target"`: item i's cached representation tokens."""
+
+    def __init__(self, base: Dataset, targets: TargetShards) -> None:
+        self.base, self.targets = base, targets
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.base[index]
+        # None: an item the data set skips (unreadable), whose loader's collate drops it; it has no target either.
+        return None if item is None else {**item, "target": self.targets[index]}
+
+
+class _TrainSplitWithTargets:
+    """Stands in for a data module's `dataset` method: the train split wrapped, other splits as they were.
+
+    A picklable object rather than a closure: spawned DDP workers (trainer=ddp_cpu) receive the
+    data module pickled.
+    """
+
+    def __init__(self, datamodule: L.LightningDataModule, targets: TargetShards) -> None:
+        self.datamodule, self.targets = datamodule, targets
+
+    def __call__(self, split: str) -> Dataset:
+        base = type(self.datamodule).dataset(self.datamodule, split)
+        return TargetsDataset(base, self.targets) if split == "train" else base
+
+
+def indexable_train_set(datamodule: L.LightningDataModule, what: str) -> Dataset:
+    """The data module's map-style training set; a `RecipeError` starting with `what` if it has none."""
+    name = type(datamodule).__name__
+    try:
+        train = type(datamodule).dataset(datamodule, "train")
+    except (AttributeError, KeyError, NotImplementedError, ValueError) as error:
+        raise RecipeError(f"{what}: the data module {name} has no indexable training set ({error}); pre-extracted "
+                          "targets are matched to items by index, so they need a map-style data set") from None
+    if not isinstance(train, Sized) or not hasattr(train, "__getitem__"):
+        raise RecipeError(f"{what}: the data module {name} streams its training set, so there is no item index "
+                          "to match targets on; train without targets=")
+    return train
+
+
+def attach_cached_targets(datamodule: L.LightningDataModule, recipe: DictConfig) -> TargetShards | None:
+    """With `targets=DIR` in `recipe`, make `datamodule`'s training batches carry `"target"`; else nothing.
+
+    Raises (before anything is trained) for a missing cache, one made for another
+    representation or data recipe, or a data module without an indexable training set.
+    """
+    directory = OmegaConf.select(recipe, "targets")
+    if not directory:
+        return None
+    targets = TargetShards(directory)
+    check_signature(targets.directory, targets.manifest, targets_signature(recipe))
+    train = indexable_train_set(datamodule, f"targets={directory}")
+    if len(train) != len(targets):
+        raise RecipeError(f"targets={directory}: the cache holds {len(targets)} items, the training set {len(train)}")
+    datamodule.dataset = _TrainSplitWithTargets(datamodule, targets)
+    loader = datamodule.train_dataloader()
+    if not isinstance(loader.dataset, TargetsDataset):
+        del datamodule.dataset
+        raise RecipeError(f"targets={directory}: the data module {type(datamodule).__name__} builds its training loader without "
+                          "dataset('train'), so its batches could not carry the cached targets")
+    return targets
