@@ -1,4 +1,9 @@
-"""unizoo's DiT against diffusers' DiT: full training steps, side by side.
+"""unizoo's DiT against a peer (diffusers' DiT or PixArt): full training steps, side by side.
+
+Both families get the same switches (fp32, bf16 autocast, torch.compile, fused AdamW,
+all together), so each side's best row is found in the same run; ``best_vs_best``
+compares them, and a unizoo row slower than the peer's row with the same switches
+gets a "why": the op that costs it, from one profiled step of each (``peer_why``).
 
 Every variant runs the same ``steps`` training steps (forward, MSE, backward, AdamW
 step) from the same initial weights of its model family on the same batches (the
@@ -14,7 +19,8 @@ DiT init with its zero-initialised matrices re-drawn, see ``wake_zero_init``):
 FLOPs per step are counted once per model family (fp32, eager, sdpa attention; on
 the meta device, so counting costs no compute) and
 are *model* FLOPs: the recomputation of activation checkpointing is not counted, so
-MFU compares useful work. Switches that cannot run here become ``skipped: <reason>``.
+MFU compares useful work. Switches that cannot run here become ``skipped: <reason>``;
+rows that cannot fit the machine's memory or time say so (``row_guard``).
 """
 
 from __future__ import annotations
@@ -39,12 +45,15 @@ from .peer_models import (
     unizoo_loss,
     wake_zero_init,
 )
+from .peer_pixart import build_pixart, pixart_loss
+from .peer_why import self_time_by_op, top_difference, why_text
+from .row_guard import RowLimits, RowTooSlow, StepClock, precheck
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    model: str  # "unizoo" | "diffusers"
+    model: str  # "unizoo" or a peer: "diffusers" | "pixart"
     precision: str = "fp32"  # "bf16" = torch.autocast(device_type, dtype=torch.bfloat16)
     compile: bool = False
     fused_adamw: bool = False
@@ -55,32 +64,54 @@ class Variant:
     def is_switch(self) -> bool:
         return self.compile or self.fused_adamw or self.checkpointing or self.attention is not None
 
+    @property
+    def switch_key(self) -> tuple:
+        """The switches both families have: rows with the same key are compared directly."""
+        return (self.precision, self.compile, self.fused_adamw)
 
-VARIANTS = (
-    Variant("diffusers fp32", "diffusers"),
-    Variant("diffusers bf16", "diffusers", "bf16"),
-    Variant("unizoo fp32", "unizoo"),
-    Variant("unizoo bf16", "unizoo", "bf16"),
-    Variant("unizoo bf16 sdpa", "unizoo", "bf16", attention="sdpa"),
-    Variant("unizoo compile", "unizoo", compile=True),
-    Variant("unizoo fused-adamw", "unizoo", fused_adamw=True),
-    Variant("unizoo checkpointing", "unizoo", checkpointing=True),
-    Variant("unizoo xformers", "unizoo", attention="xformers"),
-    Variant("unizoo bf16+compile+fused", "unizoo", "bf16", compile=True, fused_adamw=True),
-)
-REFERENCE = {"unizoo": "unizoo fp32", "diffusers": "diffusers fp32"}
+
+def switch_variants(model: str) -> tuple[Variant, ...]:
+    """The switches every family gets: each alone, then all together."""
+    return (
+        Variant(f"{model} fp32", model),
+        Variant(f"{model} bf16", model, "bf16"),
+        Variant(f"{model} compile", model, compile=True),
+        Variant(f"{model} fused-adamw", model, fused_adamw=True),
+        Variant(f"{model} bf16+compile+fused", model, "bf16", compile=True, fused_adamw=True),
+    )
+
+
+def variants_for(peer: str) -> tuple[Variant, ...]:
+    """The peer's switches, then unizoo's (the same ones plus its own levers)."""
+    unizoo = switch_variants("unizoo")
+    return (
+        *switch_variants(peer),
+        *unizoo[:2],
+        Variant("unizoo bf16 sdpa", "unizoo", "bf16", attention="sdpa"),
+        *unizoo[2:4],
+        Variant("unizoo checkpointing", "unizoo", checkpointing=True),
+        Variant("unizoo xformers", "unizoo", attention="xformers"),
+        unizoo[4],
+    )
+
+
+VARIANTS = variants_for("diffusers")
+FAMILIES = {
+    "unizoo": (build_unizoo, unizoo_loss),
+    "diffusers": (build_diffusers, diffusers_loss),
+    "pixart": (build_pixart, pixart_loss),
+}
+REFERENCE = {family: f"{family} fp32" for family in FAMILIES}
 # Per-step |loss - reference loss| / |reference loss| allowed. fp32 switches only
 # reorder floating-point work (compile fuses, fused AdamW vectorises, checkpointing
 # recomputes); bf16 rounds activations to 8 mantissa bits.
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
 
-_LOSSES = {"unizoo": unizoo_loss, "diffusers": diffusers_loss}
-
 
 def _build(variant: Variant, cfg: PeerConfig) -> torch.nn.Module:
-    if variant.model == "diffusers":
-        return build_diffusers(cfg)
-    return build_unizoo(cfg, gradient_checkpointing=variant.checkpointing, attention=variant.attention)
+    if variant.model == "unizoo":
+        return build_unizoo(cfg, gradient_checkpointing=variant.checkpointing, attention=variant.attention)
+    return FAMILIES[variant.model][0](cfg)
 
 
 def _short(error: BaseException) -> str:
@@ -111,8 +142,8 @@ def _switch_names(variant: Variant, cfg: PeerConfig, device: torch.device) -> st
     return ", ".join(names)
 
 
-def train_run(variant: Variant, cfg: PeerConfig, init_state: dict, batches, device) -> tuple[Timing, list]:
-    """Run one step per batch; return per-step times and per-step losses."""
+def trainer(variant: Variant, cfg: PeerConfig, init_state: dict, device: torch.device):
+    """``step(batch) -> loss``: one training step of ``variant`` (forward, MSE, backward, AdamW)."""
     # diffusers' DiT drops 10% of class labels at random in training (its built-in
     # classifier-free-guidance dropout): the same seed gives every variant the same drops.
     torch.manual_seed(cfg.seed + 2)
@@ -123,20 +154,33 @@ def train_run(variant: Variant, cfg: PeerConfig, init_state: dict, batches, devi
         model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True if variant.fused_adamw else None
     )
     runnable = torch.compile(model, backend=cfg.compile_backend) if variant.compile else model
-    loss_fn = _LOSSES[variant.model]
+    loss_fn = FAMILIES[variant.model][1]
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if variant.precision == "bf16" else contextlib.nullcontext()
     )
-    losses = []
-    remaining = iter(batches)
 
-    def step():
+    def step(batch):
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = loss_fn(runnable, next(remaining))
+            loss = loss_fn(runnable, batch)
         loss.backward()
         optimizer.step()
-        losses.append(loss.detach())
+        return loss.detach()
+
+    return step
+
+
+def train_run(variant: Variant, cfg: PeerConfig, init_state: dict, batches, device,
+              limits: RowLimits = RowLimits()) -> tuple[Timing, list]:
+    """Run one step per batch; return per-step times and per-step losses (RowTooSlow past the limit)."""
+    train_step = trainer(variant, cfg, init_state, device)
+    losses = []
+    remaining = iter(batches)
+    clock = StepClock(limits, len(batches))
+
+    def step():
+        losses.append(train_step(next(remaining)))
+        clock.check()
 
     timing = time_call(step, device, warmup=0, repeats=len(batches))
     return timing, [float(loss) for loss in losses]
@@ -149,28 +193,36 @@ def count_step_flops(model_name: str, cfg: PeerConfig, batch) -> int:
     CPU if some op has no meta kernel.
     """
     variant = Variant("count", model_name, attention="sdpa" if model_name == "unizoo" else None)
+    loss_fn = FAMILIES[model_name][1]
     for device in (torch.device("meta"), torch.device("cpu")):
         try:
             with device:
                 model = _build(variant, cfg)
             on_device = batch.to(device)
-            return count_flops(lambda: _LOSSES[model_name](model.train(), on_device).backward())
+            return count_flops(lambda: loss_fn(model.train(), on_device).backward())
         except (RuntimeError, NotImplementedError):
             if device.type != "meta":
                 raise
     raise AssertionError("unreachable")
 
 
-def measure_variant(variant, cfg, device, init_state, batches, flops, params, peaks) -> dict:
+def measure_variant(variant, cfg, device, init_state, batches, flops, params, peaks,
+                    limits: RowLimits = RowLimits()) -> dict:
     row = {"name": variant.name, "model": variant.model, "params": params,
            "precision": variant.precision,
            "switches": _switch_names(variant, cfg, device), "status": "ok"}
+    peak = peaks.get(variant.precision, {}).get("flops_per_s")
     reason = _skip_reason(variant, device)
     if reason:
         return {**row, "status": f"skipped: {reason}"}
+    guarded = precheck(cfg, params, flops, len(batches), peak, limits)
+    if guarded:
+        return {**row, "status": guarded}
     try:
         with PeakMemory(device) as memory:
-            timing, losses = train_run(variant, cfg, init_state, batches, device)
+            timing, losses = train_run(variant, cfg, init_state, batches, device, limits)
+    except RowTooSlow as stop:
+        return {**row, "status": stop.status}
     except Exception as error:  # noqa: BLE001 - one variant failing must not stop the others
         kind = "skipped" if variant.is_switch or variant.precision != "fp32" else "failed"
         return {**row, "status": f"{kind}: {_short(error)}"}
@@ -188,7 +240,7 @@ def measure_variant(variant, cfg, device, init_state, batches, flops, params, pe
         "images_per_s": cfg.batch / seconds,
         "flops_per_step": flops,
         "tflops_per_s": flops / seconds / 1e12,
-        "mfu": mfu(flops, seconds, peaks.get(variant.precision, {}).get("flops_per_s")),
+        "mfu": mfu(flops, seconds, peak),
         "peak_mem_mb": memory.bytes / 2**20,
         "losses": losses,
     }
@@ -213,20 +265,80 @@ def loss_checks(rows: list[dict]) -> list[dict]:
     return checks
 
 
-def _add_ratios(rows: list[dict]) -> None:
+def _add_ratios(rows: list[dict], variants, peer: str) -> None:
+    """images/s over the peer's fp32 row, its bf16 row, and its row with the same switches."""
     by_name = {row["name"]: row for row in rows}
-    for row in rows:
-        for key, base in (("vs_diffusers_fp32", "diffusers fp32"), ("vs_diffusers_bf16", "diffusers bf16")):
-            ok = row["status"] == "ok" and by_name.get(base, {}).get("status") == "ok"
-            row[key] = row["images_per_s"] / by_name[base]["images_per_s"] if ok else None
+    peer_by_key = {v.switch_key: by_name[v.name] for v in variants if v.model == peer and v.name in by_name}
+    for variant in variants:
+        row = by_name[variant.name]
+        same = None if variant.model == peer or variant.checkpointing else peer_by_key.get(variant.switch_key)
+        for key, base in (("vs_peer_fp32", by_name.get(f"{peer} fp32")), ("vs_peer_bf16", by_name.get(f"{peer} bf16")),
+                          ("vs_peer_same", same)):
+            ok = row["status"] == "ok" and base is not None and base["status"] == "ok"
+            row[key] = row["images_per_s"] / base["images_per_s"] if ok else None
 
 
-def run_peer(cfg: PeerConfig, device: torch.device, peaks: dict, variants=VARIANTS, progress=print) -> dict:
-    """All variants, loss checks, parameter counts and FLOPs, plus the configuration used."""
+def _trusted(row: dict, checks: dict) -> bool:
+    """Measured, and its loss curve is its family's reference or passed the check against it."""
+    return row["status"] == "ok" and (row["name"] in REFERENCE.values() or checks.get(row["name"], {}).get("passed", False))
+
+
+def best_vs_best(rows: list[dict], checks: list[dict], peer: str) -> dict:
+    """Each family's fastest trusted row, and unizoo best / peer best; the same for plain fp32."""
+    by_check = {c["variant"]: c for c in checks}
+    best = {}
+    for family in ("unizoo", peer):
+        candidates = [r for r in rows if r["model"] == family and _trusted(r, by_check)]
+        top = max(candidates, key=lambda r: r["images_per_s"], default=None)
+        best[family] = None if top is None else {"variant": top["name"], "images_per_s": top["images_per_s"],
+                                                 "mfu": top["mfu"]}
+    by_name = {r["name"]: r for r in rows}
+    fp32 = [by_name.get(f"{family} fp32", {}) for family in ("unizoo", peer)]
+    return {
+        "unizoo": best["unizoo"], "peer": best[peer],
+        "ratio": best["unizoo"]["images_per_s"] / best[peer]["images_per_s"] if best["unizoo"] and best[peer] else None,
+        "fp32_ratio": (fp32[0]["images_per_s"] / fp32[1]["images_per_s"]
+                       if all(r.get("status") == "ok" for r in fp32) else None),
+    }
+
+
+def explain_slower(pairs, variants, cfg, device, init_states, batches, peer, progress) -> dict[tuple, dict]:
+    """Profile one step of each side of every (unizoo, peer) pair of variant names; the top op difference."""
+    by_name = {v.name: v for v in variants}
+    profiles = {}  # variant name -> self times, each variant profiled once
+
+    def profiled(name: str) -> dict[str, float]:
+        if name not in profiles:
+            variant = by_name[name]
+            step = trainer(variant, cfg, init_states[variant.model], device)
+            try:
+                step(batches[0])  # compile, warm the allocator
+                profiles[name] = self_time_by_op(lambda: step(batches[1]), device)  # the same batch each call
+            finally:
+                if variant.compile:
+                    torch._dynamo.reset()
+        return profiles[name]
+
+    found = {}
+    for pair in dict.fromkeys(pairs):  # each pair once, in order
+        try:
+            found[pair] = top_difference(profiled(pair[0]), profiled(pair[1]))
+            found[pair]["text"] = why_text(found[pair], peer)
+        except Exception as error:  # noqa: BLE001 - a profile that fails leaves the row's numbers alone
+            found[pair] = {"text": f"not profiled: {_short(error)}"}
+        progress(f"why {pair[0]} vs {pair[1]}: {found[pair]['text']}")
+    return found
+
+
+def run_peer(cfg: PeerConfig, device: torch.device, peaks: dict, variants=VARIANTS, progress=print,
+             limits: RowLimits = RowLimits(), explain: bool = True) -> dict:
+    """All variants, loss checks, best vs best, parameter counts and FLOPs, plus the configuration used."""
+    families = list(dict.fromkeys(v.model for v in variants))
+    peer = next(f for f in families if f != "unizoo")
     steps = max(cfg.loss_steps, cfg.warmup + cfg.repeats)
     batches = make_batches(cfg, steps, device)
-    models, init_states, flops, params, woken = {"unizoo", "diffusers"}, {}, {}, {}, {}
-    for name in sorted(models):
+    init_states, flops, params, woken = {}, {}, {}, {}
+    for name in sorted(families):
         torch.manual_seed(cfg.seed)
         model = _build(Variant("init", name), cfg)
         params[name] = parameter_count(model)
@@ -239,20 +351,46 @@ def run_peer(cfg: PeerConfig, device: torch.device, peaks: dict, variants=VARIAN
     rows = []
     for variant in variants:
         family = variant.model
-        row = measure_variant(variant, cfg, device, init_states[family], batches, flops[family], params[family], peaks)
+        row = measure_variant(variant, cfg, device, init_states[family], batches, flops[family], params[family],
+                              peaks, limits)
         rows.append(row)
         if row["status"] == "ok":
             progress(f"peer {variant.name:<28} {row['step_ms']:9.1f} ms/step  {row['images_per_s']:8.2f} img/s  "
                      f"{row['peak_mem_mb']:8.1f} MiB  (first step {row['first_step_s']:.1f} s)")
         else:
             progress(f"peer {variant.name:<28} {row['status']}")
-    _add_ratios(rows)
+    _add_ratios(rows, variants, peer)
+    checks = loss_checks(rows)
+    best = best_vs_best(rows, checks, peer)
+    # Where unizoo is slower than the peer with the same switches (or best against best): name the op.
+    by_name = {r["name"]: r for r in rows}
+    peer_by_key = {v.switch_key: v.name for v in variants if v.model == peer}
+    same_switches = {v.name: peer_by_key[v.switch_key] for v in variants
+                     if v.model == "unizoo" and (by_name[v.name].get("vs_peer_same") or 1.0) < 1.0}
+    pairs = sorted(same_switches.items(), key=lambda pair: by_name[pair[0]]["vs_peer_same"])  # slowest first
+    if best["ratio"] is not None and best["ratio"] < 1.0:
+        pairs.insert(0, (best["unizoo"]["variant"], best["peer"]["variant"]))
+    pairs = list(dict.fromkeys(pairs))
+    cap = len(pairs) if cfg.max_profiles is None else cfg.max_profiles
+    found = explain_slower(pairs[:cap], variants, cfg, device, init_states, batches, peer, progress) if explain else {}
+    for pair in pairs[cap:]:
+        found[pair] = {"text": f"not profiled: over the limit of {cap} profiles a comparison (max_profiles)"}
+    for row in rows:
+        pair = (row["name"], same_switches.get(row["name"]))
+        row["why"] = found[pair]["text"] if pair in found else None
+    if best["ratio"] is not None:
+        pair = (best["unizoo"]["variant"], best["peer"]["variant"])
+        best["why"] = found[pair]["text"] if pair in found else None
     return {
         "config": {**asdict(cfg), "steps": steps, "timed_steps": steps - cfg.warmup, "label": cfg.label},
+        "peer": peer,
         "parameters": params,
         "zero_init_weights_redrawn": woken,
         "flops_per_step": flops,
         "tolerance_rel": TOLERANCE,
+        "limits": asdict(limits),
         "rows": rows,
-        "loss_checks": loss_checks(rows),
+        "loss_checks": checks,
+        "best_vs_best": best,
+        "profiles": [{"unizoo": pair[0], "peer": pair[1], **value} for pair, value in found.items()],
     }

@@ -41,6 +41,8 @@ class PeerConfig:
     heads: int = 6
     batch: int = 8
     num_classes: int = 1000
+    condition_tokens: int = 1  # Q; 1 = the class token of the DiT comparison, >1 = the PixArt comparison
+    condition_dim: int | None = None  # D of the condition tokens; None = hidden (the class table's width)
     lr: float = 1e-4
     attention: str = "auto"  # unizoo's backend, as a recipe's default: sdpa in fp32 (the kernel diffusers'
                              # AttnProcessor2_0 uses), gemm under bf16 on the CPU (attention.auto_backend)
@@ -49,11 +51,12 @@ class PeerConfig:
     loss_steps: int = 20
     compile_backend: str = "inductor"
     seed: int = 0
+    max_profiles: int | None = None  # "why" profiles per comparison, slowest pair first; None = every slower pair
 
     @classmethod
     def quick(cls) -> PeerConfig:
         return cls(latent_size=8, depth=1, hidden=32, heads=2, batch=2, warmup=1, repeats=2,
-                   loss_steps=4, compile_backend="aot_eager")
+                   loss_steps=4, compile_backend="aot_eager", max_profiles=1)
 
     @property
     def num_tokens(self) -> int:
@@ -64,10 +67,15 @@ class PeerConfig:
         return self.latent_channels * self.patch**2
 
     @property
+    def cond_dim(self) -> int:
+        return self.condition_dim or self.hidden
+
+    @property
     def label(self) -> str:
+        condition = "" if self.condition_tokens == 1 else f", {self.condition_tokens} condition tokens of width {self.cond_dim}"
         return (f"depth {self.depth}, width {self.hidden}, {self.heads} heads, patch {self.patch}, "
                 f"{self.latent_size}x{self.latent_size}x{self.latent_channels} latents "
-                f"({self.num_tokens} tokens), batch {self.batch}")
+                f"({self.num_tokens} tokens){condition}, batch {self.batch}")
 
 
 def build_unizoo(cfg: PeerConfig, gradient_checkpointing: bool = False, attention: str | None = None) -> nn.Module:
@@ -75,7 +83,7 @@ def build_unizoo(cfg: PeerConfig, gradient_checkpointing: bool = False, attentio
         "S",
         token_dim=cfg.token_dim,
         num_tokens=cfg.num_tokens,
-        condition_dim=cfg.hidden,
+        condition_dim=cfg.cond_dim,
         depth=cfg.depth,
         hidden_size=cfg.hidden,
         num_heads=cfg.heads,
@@ -114,7 +122,7 @@ class Batch:
     target: torch.Tensor  # (B, C, H, W) velocity noise - x0
     t: torch.Tensor  # (B,) float in [0, 1)
     labels: torch.Tensor  # (B,) int class labels
-    cond: torch.Tensor  # (B, 1, hidden) unizoo's condition token for the label
+    cond: torch.Tensor  # (B, Q, D): the label's token (Q = 1, D = hidden) or Q random condition tokens
     tokens: torch.Tensor  # patchified x_t
     token_target: torch.Tensor  # patchified target
 
@@ -135,8 +143,12 @@ def make_batches(cfg: PeerConfig, count: int, device: torch.device) -> list[Batc
         labels = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=generator)
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
         target = noise - x0
+        if cfg.condition_tokens == 1 and cfg.condition_dim is None:
+            cond = class_table[labels].unsqueeze(1)
+        else:
+            cond = torch.randn(cfg.batch, cfg.condition_tokens, cfg.cond_dim, generator=generator)
         batches.append(
-            Batch(x_t, target, t, labels, class_table[labels].unsqueeze(1),
+            Batch(x_t, target, t, labels, cond,
                   patchify(x_t, cfg.patch), patchify(target, cfg.patch)).to(device)
         )
     return batches

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from .peer_tables import peer_markdown, scaling_markdown, sections_markdown
+from .tables import _fmt, _table, peaks_markdown
+
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
@@ -92,28 +95,6 @@ def environment(device: torch.device) -> dict:
 # ---------------------------------------------------------------- Markdown
 
 
-def _fmt(value, digits: int = 2, percent: bool = False) -> str:
-    if value is None:
-        return "–"
-    if percent:
-        return f"{100 * value:.1f}%"
-    return f"{value:,.{digits}f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def peaks_markdown(peaks: dict) -> str:
-    rows = []
-    for name, peak in peaks.items():
-        rate = peak["flops_per_s"] / 1e12 if peak["flops_per_s"] else None
-        rows.append([name, _fmt(rate, 3), str(peak["matmul_n"]), peak["note"]])
-    return _table(["precision", "measured peak (TFLOP/s)", "matmul n", "how"], rows)
-
-
 def attention_markdown(result: dict, peaks: dict) -> str:
     cfg = result["config"]
     sections = []
@@ -136,44 +117,8 @@ def attention_markdown(result: dict, peaks: dict) -> str:
     return "\n\n".join([*sections, peaks_markdown(peaks)])
 
 
-def peer_markdown(result: dict, peaks: dict) -> str:
-    cfg, params = result["config"], result["parameters"]
-    checks = {c["variant"]: c for c in result["loss_checks"]}
-    rows = []
-    for r in result["rows"]:
-        check = checks.get(r["name"])
-        verdict = "reference" if r["status"] == "ok" and not check and r["name"].endswith("fp32") else "–"
-        if check:
-            verdict = f"{'pass' if check['passed'] else 'FAIL'} ({check['max_rel_diff']:.1e})"
-        rows.append([
-            r["name"], _fmt(r["params"] / 1e6), r["switches"], _fmt(r.get("step_ms"), 1), _fmt(r.get("images_per_s")),
-            _fmt(r.get("vs_diffusers_fp32")), _fmt(r.get("vs_diffusers_bf16")),
-            _fmt(r.get("tflops_per_s"), 3), _fmt(r.get("mfu"), percent=True),
-            _fmt(r.get("peak_mem_mb"), 0), _fmt(r.get("first_step_s"), 1), verdict, r["status"],
-        ])
-    header = ["variant", "params (M)", "switches", "step (ms)", "images/s", "x diffusers fp32", "x diffusers bf16",
-              "TFLOP/s", "MFU (fraction of measured peak)", "peak memory (MiB)", "first step (s)",
-              "loss vs fp32 (max rel diff)", "status"]
-    tolerances = ", ".join(f"{k} {v:.0e}" if v < 0.01 else f"{k} {100 * v:.0f}%"
-                           for k, v in result["tolerance_rel"].items())
-    notes = [
-        f"### One training step (forward, MSE, backward, AdamW): {cfg['label']}",
-        f"Parameters: unizoo {params['unizoo'] / 1e6:.2f}M, diffusers {params['diffusers'] / 1e6:.2f}M. "
-        f"Model FLOPs per step (forward + backward): unizoo {result['flops_per_step']['unizoo'] / 1e9:.4g} G, "
-        f"diffusers {result['flops_per_step']['diffusers'] / 1e9:.4g} G. Not the same model: diffusers' DiT is "
-        "class-conditional (class_labels + integer timestep into adaLN-Zero); unizoo's DiT takes a condition "
-        "sequence, here one (B, 1, width) token, read by cross-attention in every block (over a single key "
-        "that is exactly a per-sample linear map, which is how unizoo computes it).",
-        f"{cfg['steps']} steps per variant from the same init on the same data; the first {cfg['warmup']} "
-        f"untimed, median of {cfg['timed_steps']} timed. Loss check: every step's loss within a relative "
-        f"tolerance ({tolerances}) of the same family's fp32 eager loss (unizoo's zero-initialised "
-        "matrices are re-drawn first, so every block takes part from step 1). MFU: model FLOPs per "
-        "second over the measured matmul peak at the row's precision (checkpointing's recompute not counted).",
-    ]
-    return "\n\n".join([*notes, _table(header, rows), peaks_markdown(peaks)])
-
-
-MARKDOWN = {"attention": attention_markdown, "peer_dit": peer_markdown}
+MARKDOWN = {"attention": attention_markdown, "peer_dit": peer_markdown, "peer_pixart": sections_markdown,
+            "peer_scaling": scaling_markdown}
 
 
 def _strict_json(value):

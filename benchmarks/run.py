@@ -10,6 +10,7 @@ the harness, its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -22,10 +23,15 @@ from .cached_targets import TargetsConfig, run_cached_targets
 from .measure import measured_peaks, memory_method
 from .peer_dit import run_peer
 from .peer_models import PeerConfig
+from .peer_suite import ScalingConfig, run_pixart, run_scaling
 from .report import environment, write_results
+from .row_guard import RowLimits
 from .variants import VariantsConfig, load_study, run_variants
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+PEER_PARTS = ("dit", "pixart", "scaling")
 
 
 def _progress(line: str) -> None:
@@ -56,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="images per training step, peer and variants (default 8; --quick: 2 peer, 4 variants)")
     group.add_argument("--loss-steps", type=int, default=None, help="steps of the loss-curve check (default 20)")
     group.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
+    group.add_argument("--peer-parts", nargs="+", choices=PEER_PARTS, default=list(PEER_PARTS),
+                       help="which comparisons: dit (vs diffusers' DiT, one class token), pixart (vs PixArt at Q "
+                            "condition tokens), scaling (vs PixArt as tokens and size grow); default all")
+    group.add_argument("--condition-tokens", type=int, nargs="+", default=None,
+                       help="pixart: condition lengths Q (default 16 64)")
+    group.add_argument("--scaling-tokens", type=int, nargs="+", default=None,
+                       help="scaling: target tokens per image, square numbers (default 64 256 1024)")
+    group.add_argument("--scaling-sizes", nargs="+", default=None, help="scaling: DiT sizes (default S B)")
+    group.add_argument("--row-time-limit", type=float, default=None,
+                       help="seconds a peer row may take; longer rows say so instead of running (default 900)")
     group = parser.add_argument_group("variants (a training step per design-space cell, stage and size)")
     group.add_argument("--sizes", nargs="+", default=None,
                        help="generator sizes, of tiny S B L XL (default tiny S; --quick: tiny, with a one-layer LM)")
@@ -87,6 +103,21 @@ def _variants_config(args, parser: argparse.ArgumentParser) -> VariantsConfig:
     return cfg
 
 
+def _check_peer_args(args, parser: argparse.ArgumentParser) -> None:
+    """Bad peer sizes are usage errors, found before any measurement."""
+    from unizoo.components.generators.dit import DIT_SIZES  # noqa: PLC0415
+
+    bad_sizes = [s for s in args.scaling_sizes or () if s not in DIT_SIZES]
+    if bad_sizes:
+        parser.error(f"--scaling-sizes {' '.join(bad_sizes)}: not a DiT size; valid sizes: {', '.join(DIT_SIZES)}")
+    bad_tokens = [n for n in args.scaling_tokens or () if n < 1 or math.isqrt(n) ** 2 != n]
+    if bad_tokens:
+        parser.error(f"--scaling-tokens {' '.join(map(str, bad_tokens))}: target tokens must be square numbers "
+                     "(a latent grid of side sqrt(N)), e.g. 64 256 1024")
+    if any(q < 1 for q in args.condition_tokens or ()):
+        parser.error("--condition-tokens must be positive integers, e.g. 16 64")
+
+
 def _configs(args, device: torch.device) -> tuple[AttentionConfig, PeerConfig, int, int]:
     # bf16 is the working precision on GPUs; on a CPU with AMX it is a real lever too.
     precisions = tuple(args.attn_precision or (("bf16",) if device.type == "cuda" else ("fp32", "bf16")))
@@ -105,10 +136,40 @@ def _configs(args, device: torch.device) -> tuple[AttentionConfig, PeerConfig, i
     return attention, peer, peak_n, peak_repeats
 
 
+def _report_checks(section: dict) -> None:
+    for check in section["loss_checks"]:
+        _progress(f"loss check {check['variant']}: max rel diff {check['max_rel_diff']:.2e} "
+                  f"(tolerance {check['tolerance_rel']:.0e}) {'pass' if check['passed'] else 'FAIL'}")
+    best = section["best_vs_best"]
+    if best["ratio"] is not None:
+        _progress(f"best vs best ({section['config']['label']}): unizoo {best['unizoo']['variant']} / "
+                  f"{section['peer']} {best['peer']['variant']} = {best['ratio']:.2f}x")
+
+
+def _run_peers(args, peer_cfg: PeerConfig, device: torch.device, peaks: dict, report) -> None:
+    limits = RowLimits(time_limit_s=args.row_time_limit) if args.row_time_limit else RowLimits()
+    if "dit" in args.peer_parts:
+        result = run_peer(peer_cfg, device, peaks, progress=_progress, limits=limits)
+        _report_checks(result)
+        report("peer_dit", result)
+    if "pixart" in args.peer_parts:
+        result = run_pixart(peer_cfg, device, peaks, tuple(args.condition_tokens or (16, 64)), _progress, limits)
+        for section in result["sections"]:
+            _report_checks(section)
+        report("peer_pixart", result)
+    if "scaling" in args.peer_parts:
+        scaling = ScalingConfig.quick() if args.quick else ScalingConfig()
+        overrides = {"tokens": tuple(args.scaling_tokens) if args.scaling_tokens else None,
+                     "sizes": tuple(args.scaling_sizes) if args.scaling_sizes else None}
+        scaling = replace(scaling, **{k: v for k, v in overrides.items() if v is not None})
+        report("peer_scaling", run_scaling(peer_cfg, scaling, device, peaks, _progress, limits))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     variants_cfg = _variants_config(args, parser)
+    _check_peer_args(args, parser)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -133,11 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.benchmark in ("attention", "all"):
         report("attention", run_attention(attention_cfg, device, peaks, progress=_progress))
     if args.benchmark in ("peer", "all"):
-        result = run_peer(peer_cfg, device, peaks, progress=_progress)
-        for check in result["loss_checks"]:
-            _progress(f"loss check {check['variant']}: max rel diff {check['max_rel_diff']:.2e} "
-                      f"(tolerance {check['tolerance_rel']:.0e}) {'pass' if check['passed'] else 'FAIL'}")
-        report("peer_dit", result)
+        _run_peers(args, peer_cfg, device, peaks, report)
     if args.benchmark in ("variants", "all"):
         result = run_variants(variants_cfg, device, peaks, progress=_progress)
         for pair in result["clip_vs_vae"]:

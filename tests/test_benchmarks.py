@@ -25,11 +25,17 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package of the repos
 
 from benchmarks.attention_backends import AttentionConfig, attention_flops  # noqa: E402
 from benchmarks.measure import PeakMemory, count_flops, memory_method, time_call  # noqa: E402
-from benchmarks.peer_dit import REFERENCE, VARIANTS  # noqa: E402
+from benchmarks.peer_dit import REFERENCE, VARIANTS, Variant, measure_variant, switch_variants  # noqa: E402
+from benchmarks.peer_models import PeerConfig  # noqa: E402
+from benchmarks.peer_pixart import DEFAULT_CONDITION_DIM  # noqa: E402
+from benchmarks.peer_suite import ScalingConfig  # noqa: E402
+from benchmarks.peer_why import self_time_by_op, top_difference  # noqa: E402
+from benchmarks.row_guard import RowLimits, RowTooSlow, StepClock, estimated_step_bytes, precheck  # noqa: E402
 from benchmarks.report import machine_slug  # noqa: E402
 from benchmarks.variants import VariantsConfig, run_variants, variants_markdown  # noqa: E402
 from unizoo.study import DESIGN_SPACE, load_study  # noqa: E402
 from unizoo.composition import compose_recipe  # noqa: E402
+from unizoo.components.backbones.causal_lm import LM_SIZES  # noqa: E402
 from unizoo.components.generators.attention import attention  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
@@ -41,12 +47,19 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # One thread: next to another busy process on the same cores, two OpenMP threads wait on
     # each other and the variants grid alone took over 4 minutes; at one thread the run takes ~30 s.
+    # Two processes, each with its own time limit: everything but the conditioned peers, then those.
     process = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "all", "--quick", "--device", "cpu", "--threads", "1",
-         "--out", str(out)],
+         "--peer-parts", "dit", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )
     assert process.returncode == 0, process.stderr[-3000:]
+    conditioned = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "peer", "--quick", "--device", "cpu", "--threads", "1",
+         "--peer-parts", "pixart", "scaling", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,  # ~60 s of CPU; slack for a busy machine
+    )
+    assert conditioned.returncode == 0, conditioned.stderr[-3000:]
     folders = list(out.iterdir())
     assert len(folders) == 1, folders
     folder = folders[0]
@@ -58,8 +71,12 @@ def quick_run(tmp_path_factory):
         "stderr": process.stderr,
         "attention": json.loads((folder / "attention-quick.json").read_text()),
         "peer": json.loads((folder / "peer_dit-quick.json").read_text()),
+        "pixart": json.loads((folder / "peer_pixart-quick.json").read_text()),
+        "scaling": json.loads((folder / "peer_scaling-quick.json").read_text()),
         "attention_md": (folder / "attention-quick.md").read_text(),
         "peer_md": (folder / "peer_dit-quick.md").read_text(),
+        "pixart_md": (folder / "peer_pixart-quick.md").read_text(),
+        "scaling_md": (folder / "peer_scaling-quick.md").read_text(),
     }
 
 
@@ -111,7 +128,7 @@ def test_peer_rows(quick_run):
     assert list(rows) == [v.name for v in VARIANTS]
     assert result["parameters"]["unizoo"] > 0 and result["parameters"]["diffusers"] > 0
     # Plain PyTorch everywhere; only compile (needs a toolchain) and xformers may skip.
-    for name in ("diffusers fp32", "diffusers bf16", "unizoo fp32", "unizoo bf16",
+    for name in ("diffusers fp32", "diffusers bf16", "diffusers fused-adamw", "unizoo fp32", "unizoo bf16",
                  "unizoo fused-adamw", "unizoo checkpointing"):
         assert rows[name]["status"] == "ok", rows[name]
     for name, row in rows.items():
@@ -120,28 +137,166 @@ def test_peer_rows(quick_run):
             assert re.fullmatch(r"skipped: .+", row["status"]), row
             continue
         _positive_finite(row, ["params", "step_ms", "images_per_s", "flops_per_step", "tflops_per_s", "mfu",
-                               "vs_diffusers_fp32", "vs_diffusers_bf16", "first_step_s"])
+                               "vs_peer_fp32", "vs_peer_bf16", "first_step_s"])
         assert math.isfinite(row["peak_mem_mb"]) and row["peak_mem_mb"] >= 0
         assert all(math.isfinite(loss) and loss > 0 for loss in row["losses"])
         assert len(row["losses"]) == result["config"]["steps"]
-    assert rows["diffusers fp32"]["vs_diffusers_fp32"] == pytest.approx(1.0)
+    assert rows["diffusers fp32"]["vs_peer_fp32"] == pytest.approx(1.0)
+    assert rows["unizoo fused-adamw"]["vs_peer_same"] == pytest.approx(
+        rows["unizoo fused-adamw"]["images_per_s"] / rows["diffusers fused-adamw"]["images_per_s"])
+    assert rows["unizoo checkpointing"]["vs_peer_same"] is None  # the peer has no such row
     # The printed table is the same Markdown.
     assert "| unizoo fp32 |" in quick_run["stdout"] and "| math | 64 |" in quick_run["stdout"]
     assert "peer unizoo fp32" in quick_run["stderr"]  # one progress line per measurement
 
 
+def _sections(quick_run) -> list[dict]:
+    """Every comparison of the quick run: DiT, PixArt at each Q, each scaling point."""
+    return [quick_run["peer"], *quick_run["pixart"]["sections"], *(p["section"] for p in quick_run["scaling"]["points"])]
+
+
 def test_loss_checks(quick_run):
-    result = quick_run["peer"]
-    ok = [r for r in result["rows"] if r["status"] == "ok" and r["name"] not in REFERENCE.values()]
-    checks = {c["variant"]: c for c in result["loss_checks"]}
-    assert set(checks) == {r["name"] for r in ok}
-    for row in ok:
-        check = checks[row["name"]]
-        assert check["tolerance_rel"] == {"fp32": 1e-3, "bf16": 5e-2}[row["precision"]]
-        assert math.isfinite(check["max_rel_diff"]) and isinstance(check["passed"], bool)
-        if row["precision"] == "fp32":  # compile / fused AdamW / checkpointing change no precision
-            assert check["passed"], check
-    assert "tolerance (fp32 1e-03, bf16 5%)" in quick_run["peer_md"]
+    for result in _sections(quick_run):
+        ok = [r for r in result["rows"] if r["status"] == "ok" and r["name"] not in REFERENCE.values()]
+        checks = {c["variant"]: c for c in result["loss_checks"]}
+        assert set(checks) == {r["name"] for r in ok}
+        for row in ok:
+            check = checks[row["name"]]
+            assert check["tolerance_rel"] == {"fp32": 1e-3, "bf16": 5e-2}[row["precision"]]
+            assert math.isfinite(check["max_rel_diff"]) and isinstance(check["passed"], bool)
+            assert check["passed"], check  # fp32 switches change no precision; bf16 stays within 5% at quick size
+    for md in ("peer_md", "pixart_md"):
+        assert "tolerance (fp32 1e-03, bf16 5%)" in quick_run[md]
+
+
+def test_every_family_gets_the_same_switches(quick_run):
+    for result in [quick_run["peer"], *quick_run["pixart"]["sections"]]:
+        peer = result["peer"]
+        rows = {r["name"]: r for r in result["rows"]}
+        for suffix in ("fp32", "bf16", "compile", "fused-adamw", "bf16+compile+fused"):
+            for family in ("unizoo", peer):
+                row = rows[f"{family} {suffix}"]
+                assert row["status"] == "ok" or row["status"].startswith("skipped: "), row
+        for name in (f"{peer} fp32", f"{peer} bf16", f"{peer} fused-adamw"):
+            assert rows[name]["status"] == "ok", rows[name]
+
+
+def test_best_vs_best_is_computed_from_the_rows(quick_run):
+    for result, md in [(quick_run["peer"], quick_run["peer_md"]),
+                       *((s, quick_run["pixart_md"]) for s in quick_run["pixart"]["sections"])]:
+        peer, best = result["peer"], result["best_vs_best"]
+        passed = {c["variant"] for c in result["loss_checks"] if c["passed"]} | set(REFERENCE.values())
+        for family, side in (("unizoo", best["unizoo"]), (peer, best["peer"])):
+            trusted = [r for r in result["rows"] if r["model"] == family and r["status"] == "ok" and r["name"] in passed]
+            top = max(trusted, key=lambda r: r["images_per_s"])
+            assert side["variant"] == top["name"] and side["images_per_s"] == top["images_per_s"]
+        assert best["ratio"] == best["unizoo"]["images_per_s"] / best["peer"]["images_per_s"]
+        rows = {r["name"]: r for r in result["rows"]}
+        assert best["fp32_ratio"] == rows["unizoo fp32"]["images_per_s"] / rows[f"{peer} fp32"]["images_per_s"]
+        assert f"**{best['ratio']:.2f}x**; plain fp32: {best['fp32_ratio']:.2f}x" in md
+        assert (best["why"] is not None) == (best["ratio"] < 1)
+        if best["ratio"] < 1:  # profiled first, within any limit
+            assert " ms self time " in best["why"] or best["why"].startswith("no op slower"), best
+        profiled = [p for p in result["profiles"] if "op" in p]
+        slower = [r for r in result["rows"] if (r.get("vs_peer_same") or 1) < 1]
+        assert len(profiled) == min(1, len(slower) + (best["ratio"] < 1)), result["profiles"]
+
+
+def test_pixart_comparison_at_16_and_64_condition_tokens(quick_run):
+    sections = quick_run["pixart"]["sections"]
+    assert [s["config"]["condition_tokens"] for s in sections] == [16, 64]
+    for section in sections:
+        assert section["peer"] == "pixart" and section["config"]["condition_dim"] == DEFAULT_CONDITION_DIM
+        flops = section["flops_per_step"]
+        # Same depth, width, heads, patch and Q: the same work up to the stated architecture differences.
+        assert flops["unizoo"] == pytest.approx(flops["pixart"], rel=0.05)
+        assert section["config"]["label"] in quick_run["pixart_md"]
+    assert sections[1]["flops_per_step"]["unizoo"] > sections[0]["flops_per_step"]["unizoo"]  # Q costs work
+    assert "| pixart bf16+compile+fused |" in quick_run["pixart_md"]
+    assert "x pixart, same switches" in quick_run["pixart_md"] and "why (top op by self time" in quick_run["pixart_md"]
+
+
+def test_condition_width_is_the_default_backbones():
+    recipe = compose_recipe("default", [])
+    assert DEFAULT_CONDITION_DIM == LM_SIZES[recipe.backbone.size]["hidden_size"]
+
+
+def test_why_names_an_op_exactly_where_unizoo_is_slower(quick_run):
+    for result in _sections(quick_run):
+        for row in result["rows"]:
+            same = row.get("vs_peer_same")
+            if row["model"] == "unizoo" and same is not None and same < 1:
+                # quick runs profile one pair a comparison (PeerConfig.quick().max_profiles), the slowest
+                assert re.fullmatch(r"\S+.* \+\d+\.\d ms self time \(unizoo .*\)|not profiled: over the limit .*|no op slower .*",
+                                    row["why"]), row
+            elif row["model"] != "unizoo" or same is not None:
+                assert row["why"] is None, row
+
+
+def test_scaling_points_and_table(quick_run):
+    scaling, md = quick_run["scaling"], quick_run["scaling_md"]
+    quick = ScalingConfig.quick()
+    assert [(p["size"], p["tokens"]) for p in scaling["points"]] == [(s, n) for s in quick.sizes for n in quick.tokens]
+    for point in scaling["points"]:
+        section = point["section"]
+        assert section["config"]["condition_tokens"] == quick.condition_tokens
+        assert (section["config"]["latent_size"] // section["config"]["patch"]) ** 2 == point["tokens"]
+        assert [r["name"] for r in section["rows"]] == ["pixart fp32", "pixart bf16", "unizoo fp32", "unizoo bf16"]
+        for row in section["rows"]:
+            assert row["status"] == "ok", row
+            _positive_finite(row, ["images_per_s", "mfu"])
+        best = section["best_vs_best"]
+        assert re.search(rf"^\| {point['size']} \| {point['tokens']} \| .*\| {best['ratio']:.2f} \|", md, re.M)
+    by_point = {(p["size"], p["tokens"]): p["section"]["flops_per_step"]["unizoo"] for p in scaling["points"]}
+    assert by_point["S", 16] > by_point["S", 4] and by_point["B", 16] > by_point["S", 16]
+
+
+def test_row_guard_says_why_a_row_cannot_run():
+    cfg = PeerConfig.quick()
+    needed = estimated_step_bytes(cfg, params=1000)
+    assert needed == 16 * 1000 + cfg.depth * 16 * 2 * 32 * (34 + 5 * 2 * 16 / 32) * 2
+    limits = RowLimits(time_limit_s=10)
+    assert precheck(cfg, 1000, flops=1, steps=4, peak_flops_per_s=1e9, limits=limits, free_bytes=10 * needed) is None
+    assert precheck(cfg, 1000, 1, 4, 1e9, limits, free_bytes=needed).startswith("skipped: memory: needs about")
+    assert precheck(cfg, 1000, flops=10**10, steps=4, peak_flops_per_s=1e9, limits=limits,
+                    free_bytes=10 * needed).startswith("skipped: time: 4 steps take at least 40 s")
+    clock = StepClock(RowLimits(time_limit_s=0.0), steps=3)
+    with pytest.raises(RowTooSlow, match="stopped: time: 1 of 3 steps"):
+        clock.check()
+
+
+def test_a_row_over_its_time_limit_stops_and_says_so():
+    cfg = PeerConfig.quick()
+    from benchmarks.peer_dit import _build  # noqa: PLC0415
+    from benchmarks.peer_models import make_batches  # noqa: PLC0415
+
+    variant = Variant("unizoo fp32", "unizoo")
+    init = _build(variant, cfg).state_dict()
+    peaks = {"fp32": {"flops_per_s": 1e12}}
+    row = measure_variant(variant, cfg, torch.device("cpu"), init, make_batches(cfg, 3, torch.device("cpu")),
+                          flops=1, params=1, peaks=peaks, limits=RowLimits(time_limit_s=1e-6))
+    assert row["status"].startswith("stopped: time: 1 of 3 steps took"), row
+    assert "images_per_s" not in row
+
+
+def test_why_profiles_name_the_op_that_differs():
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    slow = self_time_by_op(lambda: [torch.mm(a, b) for _ in range(20)], torch.device("cpu"))
+    fast = self_time_by_op(lambda: torch.add(a, b), torch.device("cpu"))
+    difference = top_difference(slow, fast)
+    assert difference["op"] == "aten::mm" and difference["peer_ms"] == 0 and difference["difference_ms"] > 0
+    assert [v.name for v in switch_variants("pixart")] == [
+        "pixart fp32", "pixart bf16", "pixart compile", "pixart fused-adamw", "pixart bf16+compile+fused"]
+
+
+def test_bad_peer_sizes_are_usage_errors():
+    from benchmarks.run import main  # noqa: PLC0415
+
+    for argv in (["peer", "--scaling-sizes", "S", "huge"], ["peer", "--scaling-tokens", "100", "200"],
+                 ["peer", "--condition-tokens", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--out", "/nonexistent"])
+        assert exit_info.value.code == 2
 
 
 def test_flop_count_of_a_matmul_only_module_is_exact():
