@@ -269,11 +269,13 @@ def _settle(plan: _Plan, job) -> dict:
 
 
 def _headline(folder: Path) -> str:
-    """The final overall score (and the untrained one), for the progress line."""
+    """The final headline score (and the untrained one), for the progress line."""
     try:
         metrics = json.loads((folder / RUN_DIR / "metrics.json").read_text())
         final = metrics[list(metrics["training"])[-1]]
-        text = f": overall {final['generation']['overall']:.3f} (untrained {metrics['untrained']['generation']['overall']:.3f})"
+        # Data without an exact evaluator (an image folder, shards) is summed up by its caption-image agreement.
+        score = "overall" if "overall" in final["generation"] else "agreement"
+        text = f": {score} {final['generation'][score]:.3f} (untrained {metrics['untrained']['generation'][score]:.3f})"
         return text + (f", FID {final['fid']:.1f}" if "fid" in final else "")
     except (OSError, KeyError, ValueError, IndexError):
         return ""
