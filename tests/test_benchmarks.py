@@ -521,3 +521,18 @@ def test_clip_fidelity_table_runs_and_resumes(tmp_path):
     assert "| `clip_all` |" in (folder / "clip_fidelity-quick.md").read_text()
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0 and again.stderr.count("reusing") == 2, again.stderr[-2000:]
+
+
+def test_vae_pretraining_schedules_table(tmp_path):
+    """Each schedule trains the recipe's VAE from the shipped init and data order; bad specs are usage errors."""
+    from benchmarks import vae_pretraining  # noqa: PLC0415
+
+    assert vae_pretraining.main(["--quick", "--out", str(tmp_path)]) == 0
+    (folder,) = tmp_path.iterdir()
+    result = json.loads((folder / "vae_pretraining-quick.json").read_text())
+    assert [(r["steps"], r["batch"], r["precision"]) for r in result["rows"]] == [(3, 4, "32-true"), (3, 4, "bf16-mixed")]
+    for row in result["rows"]:
+        assert row["seconds"] > 0 and math.isfinite(row["final_loss"]) and 0.0 <= row["round_trip_overall"] <= 1.5
+    assert "| 3 x 4 | bf16-mixed |" in (folder / "vae_pretraining-quick.md").read_text()
+    with pytest.raises(SystemExit):
+        vae_pretraining.main(["--schedules", "850:32", "--out", str(tmp_path)])

@@ -24,6 +24,7 @@ from unizoo.launch import is_primary, share_run_dir, shared_run_dir
 from unizoo.experiment_log import EvaluationLog
 from unizoo.model import UnifiedModel
 from unizoo.periodic_evaluation import EvaluationCurve
+from unizoo.precision import describe_precision
 from unizoo.progress import PlainProgress
 from unizoo.recipe_types import check_recipe_types
 from unizoo.resume import fresh_plan, resume_plan
@@ -79,6 +80,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
             _load_weights(model, recipe.init_checkpoint)
         if primary:
             model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
+        log.info("trainer: %s", describe_precision(recipe.trainer))
         log.info("strategy %s: %s", strategy.name, ", ".join(f"{s.name} ({s.steps} steps)" for s in stages))
 
         evaluator = generation_evaluator(recipe, datamodule)  # exact (shapes), caption-image agreement, or both

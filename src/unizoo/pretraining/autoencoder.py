@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from typing import Literal
 
 import torch
 from diffusers import AutoencoderKL
@@ -17,7 +18,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from unizoo.pretraining.batches import endless
+from unizoo.pretraining.batches import endless_images
 from unizoo.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -29,23 +30,32 @@ def train_autoencoder(
     steps: int,
     lr: float = 1e-3,
     kl_weight: float = 1e-6,
+    batch_size: int | None = None,
+    precision: Literal["32-true", "bf16-mixed"] = "32-true",
     seed: int = 0,
 ) -> dict[str, float]:
-    """Train `vae` in place for `steps` batches of `loader`; returns the final losses."""
+    """Train `vae` in place for `steps` batches of `loader`; returns the final losses.
+
+    `batch_size` splits each of the loader's batches into optimiser steps of that many
+    images (None: one step per batch); `precision` "bf16-mixed" runs forward and backward
+    under bf16 autocast, with fp32 weights and losses.
+    """
     torch.manual_seed(seed)
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     # Cosine decay: the last steps at a small rate sharpen edges noticeably.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(50, steps // 2 + 1), steps, 0.02))
-    batches = endless(loader)
+    batches = endless_images(loader, batch_size)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     start = time.perf_counter()
-    progress = tqdm(range(steps), desc="pretraining VAE", dynamic_ncols=True)
+    progress = tqdm(range(steps), desc=f"pretraining VAE ({precision})", dynamic_ncols=True)
     for _ in progress:
-        images = next(batches)["image"]
-        posterior = vae.encode(images).latent_dist
-        reconstruction = vae.decode(posterior.sample()).sample
+        images = next(batches)
+        with autocast:
+            posterior = vae.encode(images).latent_dist
+            reconstruction = vae.decode(posterior.sample()).sample.float()
+            kl = posterior.kl().float().mean()
         recon = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
-        kl = posterior.kl().mean()
         loss = recon + kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -53,7 +63,8 @@ def train_autoencoder(
         schedule.step()
         progress.set_postfix(recon=f"{recon.item():.4f}", kl=f"{kl.item():.1f}")
     vae.eval()
-    log.info("VAE pretrained for %d steps in %.0f s (reconstruction loss %.4f)", steps, time.perf_counter() - start, recon.item())
+    log.info("VAE pretrained for %d steps of %d images (%s) in %.0f s (reconstruction loss %.4f)",
+             steps, len(images), precision, time.perf_counter() - start, recon.item())
     return {"reconstruction": recon.item(), "kl": kl.item()}
 
 

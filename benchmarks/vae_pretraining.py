@@ -1,0 +1,119 @@
+"""`python -m benchmarks.vae_pretraining [--schedules STEPSxBATCH:PRECISION ...] [--images N] [--quick]`:
+what a pretraining schedule of the tiny VAE costs and what it keeps.
+
+Each schedule trains the default recipe's VAE (`recipes/vae/tiny.yaml`'s architecture,
+learning rate and KL weight) the way `unizoo train` does on an empty cache: the same
+initialisation (seed 0), the same loader of the default data (its batches split into steps of
+BATCH images) and so the same data order, through `train_autoencoder`. Reported per schedule:
+the wall time, the reconstruction loss of the last step, and the evaluator's score of the round
+trip decode(encode(x)) of the first `--images` val images, overall and for counting (the small
+objects are the last a VAE learns to keep). One process, one schedule after the other: run it
+on a quiet machine.
+
+Writes `<out>/<machine>/vae_pretraining.{json,md}` (`-quick` for --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from hydra.utils import instantiate
+
+from unizoo.composition import compose_recipe
+from unizoo.eval.geneval import evaluate
+from unizoo.evaluation import first_items
+from unizoo.pretraining.autoencoder import train_autoencoder
+
+from .report import environment, machine_slug
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_SCHEDULES = ("1000x64:32-true", "1000x32:32-true", "850x32:32-true", "1000x32:bf16-mixed")
+# --quick: a 16-channel VAE, a few steps of 4 images: checks the harness, the numbers mean nothing.
+QUICK_OVERRIDES = ("data.batch_size=8", "vae.autoencoder.block_out_channels=[16,16,16]")
+
+
+def parse_schedule(text: str) -> tuple[int, int, str]:
+    """"850x32:32-true" -> (850 steps, 32 images per step, "32-true")."""
+    try:
+        size, precision = text.split(":")
+        steps, batch = (int(part) for part in size.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected STEPSxBATCH:PRECISION, e.g. 850x32:32-true") from None
+    if precision not in ("32-true", "bf16-mixed"):
+        raise argparse.ArgumentTypeError(f"{text!r}: precision must be 32-true or bf16-mixed")
+    return steps, batch, precision
+
+
+def measure_schedule(recipe, datamodule, schedule: tuple[int, int, str], images: torch.Tensor, captions: list[str]) -> dict:
+    """One row: train a fresh VAE on `schedule` as `unizoo train` would, then score its round trip."""
+    steps, batch, precision = schedule
+    representation = instantiate(recipe.representation)  # its VAE config: the recipe's architecture
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the cache's seed (unizoo.pretraining.cache): the shipped initialisation
+        vae = AutoencoderKL.from_config(representation.vae.config)
+        start = time.perf_counter()
+        with torch.enable_grad():
+            losses = train_autoencoder(vae, datamodule.train_dataloader(), steps, lr=recipe.vae.pretraining.lr,
+                                       kl_weight=recipe.vae.pretraining.kl_weight, batch_size=batch,
+                                       precision=precision, seed=0)
+        seconds = time.perf_counter() - start
+    vae.eval()
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+    original, round_trip = evaluate(captions, images), evaluate(captions, decoded)
+    return {"steps": steps, "batch": batch, "precision": precision, "seconds": round(seconds, 1),
+            "final_loss": round(losses["reconstruction"], 4),
+            "round_trip_overall": round(round_trip["overall"] / original["overall"], 3),
+            "round_trip_counting": round(round_trip.get("counting", float("nan")), 3)}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"### Pretraining the tiny VAE: cost and round trip ({result['images']} val images, same init and data order)", "",
+             "| steps x images | precision | wall (s) | last step's loss | round trip, overall | round trip, counting |",
+             "|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['steps']} x {row['batch']} | {row['precision']} | {row['seconds']:.0f} | {row['final_loss']:.4f} "
+                     f"| {row['round_trip_overall']:.3f} | {row['round_trip_counting']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--schedules", nargs="+", type=parse_schedule, default=None,
+                        help=f"STEPSxBATCH:PRECISION each (default {' '.join(DEFAULT_SCHEDULES)})")
+    parser.add_argument("--images", type=int, default=256, help="val images of the round trip (default 256)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and steps: a smoke test of the harness")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results root (default {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    schedules = args.schedules or [parse_schedule(s) for s in (("3x4:32-true", "3x4:bf16-mixed") if args.quick else DEFAULT_SCHEDULES)]
+    recipe = compose_recipe("default", list(QUICK_OVERRIDES) if args.quick else [])
+    datamodule = instantiate(recipe.data)
+    datamodule.setup("fit")
+    datamodule.setup("validate")
+    images, captions = first_items(datamodule.val_dataloader(), 8 if args.quick else args.images)
+    rows = []
+    for schedule in schedules:
+        rows.append(measure_schedule(recipe, datamodule, schedule, images, list(captions)))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    result = {"benchmark": "vae_pretraining", "quick": args.quick, "images": len(captions), "rows": rows,
+              "environment": environment(torch.device("cpu"))}
+    folder = args.out / machine_slug(torch.device("cpu"))
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = "vae_pretraining-quick" if args.quick else "vae_pretraining"
+    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    env = result["environment"]
+    table = (f"<!-- {env['command']} | {env['device_name']} | torch {env['torch']} | commit {env.get('commit')} | "
+             f"{env['timestamp']}{' | QUICK: not real numbers' if args.quick else ''} -->\n\n{markdown(result)}\n")
+    (folder / f"{stem}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
