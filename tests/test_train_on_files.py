@@ -11,7 +11,7 @@ from conftest import STAGE_STEPS, TINY_OVERRIDES
 from image_folder import BAD, shapes_free, write_image_folder
 from unizoo.cli import main
 
-IMAGES = 120
+IMAGES = 500
 
 
 @pytest.fixture(scope="module")
