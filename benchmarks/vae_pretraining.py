@@ -101,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     for schedule in schedules:
         rows.append(measure_schedule(recipe, datamodule, schedule, images, list(captions)))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    result = {"benchmark": "vae_pretraining", "quick": args.quick, "images": len(captions), "rows": rows,
-              "environment": environment(torch.device("cpu"))}
+    env = {**environment(torch.device("cpu")), "command": " ".join(
+        ["python -m benchmarks.vae_pretraining", *(sys.argv[1:] if argv is None else argv)])}
+    result = {"benchmark": "vae_pretraining", "quick": args.quick, "images": len(captions), "rows": rows, "environment": env}
     folder = args.out / machine_slug(torch.device("cpu"))
     folder.mkdir(parents=True, exist_ok=True)
     stem = "vae_pretraining-quick" if args.quick else "vae_pretraining"
     (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    env = result["environment"]
-    table = (f"<!-- {env['command']} | {env['device_name']} | torch {env['torch']} | commit {env.get('commit')} | "
+    table = (f"<!-- {env['command']} | {env['device_name']} | torch {env['torch']} | commit {env['git_commit']} | "
              f"{env['timestamp']}{' | QUICK: not real numbers' if args.quick else ''} -->\n\n{markdown(result)}\n")
     (folder / f"{stem}.md").write_text(table)
     print(table)
