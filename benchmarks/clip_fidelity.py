@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     runs = args.runs.resolve()
-    result = {"command": "python -m benchmarks.clip_fidelity " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "environment": environment(torch.device("cpu")), "seeds": args.seeds, "prompts": args.prompts,
+    command = "python -m benchmarks.clip_fidelity " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {"command": command, "environment": environment(torch.device("cpu"), command), "seeds": args.seeds, "prompts": args.prompts,
               "quick": args.quick, "variants": {}, "robustness": {}, "robustness_images": args.robustness_images}
     for name in args.variants:
         if args.existing_only:

@@ -62,8 +62,11 @@ def _cpu_flags() -> list[str]:
     return sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"})
 
 
-def environment(device: torch.device) -> dict:
-    """What produced the numbers: versions, hardware, threads, commit, command line."""
+def environment(device: torch.device, command: str | None = None) -> dict:
+    """What produced the numbers: versions, hardware, threads, commit, command line.
+
+    `command`: the command line, for harnesses other than benchmarks.run (default: its own, from sys.argv).
+    """
     try:
         import diffusers  # noqa: PLC0415
 
@@ -87,7 +90,7 @@ def environment(device: torch.device) -> dict:
         "diffusers": diffusers_version,
         "python": platform.python_version(),
         "git_commit": commit,
-        "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
+        "command": command or " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

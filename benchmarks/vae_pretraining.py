@@ -30,7 +30,7 @@ from unizoo.eval.geneval import evaluate
 from unizoo.evaluation import first_items
 from unizoo.pretraining.autoencoder import train_autoencoder
 
-from .report import environment, machine_slug
+from .report import MARKDOWN, environment, write_results
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_SCHEDULES = ("1000x64:32-true", "1000x32:32-true", "850x32:32-true", "1000x32:bf16-mixed")
@@ -73,7 +73,7 @@ def measure_schedule(recipe, datamodule, schedule: tuple[int, int, str], images:
             "round_trip_counting": round(round_trip.get("counting", float("nan")), 3)}
 
 
-def markdown(result: dict) -> str:
+def vae_pretraining_markdown(result: dict, peaks: dict) -> str:
     lines = [f"### Pretraining the tiny VAE: cost and round trip ({result['images']} val images, same init and data order)", "",
              "| steps x images | precision | wall (s) | last step's loss | round trip, overall | round trip, counting |",
              "|---|---|---|---|---|---|"]
@@ -81,6 +81,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['steps']} x {row['batch']} | {row['precision']} | {row['seconds']:.0f} | {row['final_loss']:.4f} "
                      f"| {row['round_trip_overall']:.3f} | {row['round_trip_counting']:.3f} |")
     return "\n".join(lines)
+
+
+MARKDOWN.setdefault("vae_pretraining", vae_pretraining_markdown)  # report.write_results finds it here
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,16 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     for schedule in schedules:
         rows.append(measure_schedule(recipe, datamodule, schedule, images, list(captions)))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    env = {**environment(torch.device("cpu")), "command": " ".join(
-        ["python -m benchmarks.vae_pretraining", *(sys.argv[1:] if argv is None else argv)])}
-    result = {"benchmark": "vae_pretraining", "quick": args.quick, "images": len(captions), "rows": rows, "environment": env}
-    folder = args.out / machine_slug(torch.device("cpu"))
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = "vae_pretraining-quick" if args.quick else "vae_pretraining"
-    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = (f"<!-- {env['command']} | {env['device_name']} | torch {env['torch']} | commit {env['git_commit']} | "
-             f"{env['timestamp']}{' | QUICK: not real numbers' if args.quick else ''} -->\n\n{markdown(result)}\n")
-    (folder / f"{stem}.md").write_text(table)
+    env = environment(torch.device("cpu"), " ".join(["python -m benchmarks.vae_pretraining", *(sys.argv[1:] if argv is None else argv)]))
+    *_, table = write_results("vae_pretraining", {"images": len(captions), "rows": rows}, env, {}, args.out, args.quick)
     print(table)
     return 0
 
