@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from unizoo.precision import bf16_if_native
 
-# `precision: ${bf16_if_native:cpu}` in recipes/trainer/ and recipes/vae/: see unizoo.precision.
+# `precision: ${bf16_if_native:${.accelerator}}` in recipes/trainer/cpu.yaml: see unizoo.precision.
 OmegaConf.register_new_resolver("bf16_if_native", bf16_if_native, replace=True)
 
 _ABSENT = object()
