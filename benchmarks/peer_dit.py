@@ -11,10 +11,13 @@ DiT init with its zero-initialised matrices re-drawn, see ``wake_zero_init``):
 
 * the first ``warmup`` steps are untimed (torch.compile compiles in the first one;
   ``first_step_s`` reports it); the median of the rest is the step time;
+* a peer row and the unizoo row with the same switches are timed together, their steps
+  alternating (``measure_together``), so a machine whose speed drifts slows both alike;
 * every step's loss is kept, so each faster switch's loss curve is compared with its
   family's fp32 eager curve step by step (``TOLERANCE``, relative);
-* peak memory covers building the model and all steps: weights, gradients, AdamW
-  state, activations (and, for compile rows on CPU, the compiler's own memory).
+* peak memory covers building the model and its warmup steps, run alone: weights,
+  gradients, AdamW state, activations (and, for compile rows on CPU, the compiler's own
+  memory); later steps allocate the same again.
 
 FLOPs per step are counted once per model family (fp32, eager, sdpa attention; on
 the meta device, so counting costs no compute) and
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,7 +38,7 @@ import torch
 from unizoo.components.generators.attention import auto_backend
 
 from .attention_backends import unavailable_reason
-from .measure import PeakMemory, Timing, count_flops, mfu, time_call
+from .measure import PeakMemory, Timing, count_flops, mfu, synchronize
 from .peer_models import (
     PeerConfig,
     build_diffusers,
@@ -63,6 +67,11 @@ class Variant:
     @property
     def is_switch(self) -> bool:
         return self.compile or self.fused_adamw or self.checkpointing or self.attention is not None
+
+    @property
+    def is_switch_lever(self) -> bool:
+        """A unizoo-only lever (checkpointing, another attention kernel): no peer row to pair with."""
+        return self.checkpointing or self.attention is not None
 
     @property
     def switch_key(self) -> tuple:
@@ -170,20 +179,127 @@ def trainer(variant: Variant, cfg: PeerConfig, init_state: dict, device: torch.d
     return step
 
 
-def train_run(variant: Variant, cfg: PeerConfig, init_state: dict, batches, device,
-              limits: RowLimits = RowLimits()) -> tuple[Timing, list]:
-    """Run one step per batch; return per-step times and per-step losses (RowTooSlow past the limit)."""
-    train_step = trainer(variant, cfg, init_state, device)
-    losses = []
-    remaining = iter(batches)
-    clock = StepClock(limits, len(batches))
+class _Side:
+    """One variant inside :func:`measure_together`: its training step, per-step times and losses."""
 
-    def step():
-        losses.append(train_step(next(remaining)))
-        clock.check()
+    def __init__(self, variant: Variant, cfg: PeerConfig, init_state: dict, device: torch.device,
+                 steps: int, limits: RowLimits):
+        self.variant, self.device = variant, device
+        self.train_step = trainer(variant, cfg, init_state, device)
+        self.clock = StepClock(limits, steps)
+        self.times_s: list[float] = []
+        self.losses: list[float] = []
+        self.memory_bytes = 0
+        self.status = "ok"
 
-    timing = time_call(step, device, warmup=0, repeats=len(batches))
-    return timing, [float(loss) for loss in losses]
+    def step(self, batch) -> None:
+        synchronize(self.device)
+        start = time.perf_counter()
+        loss = self.train_step(batch)
+        synchronize(self.device)
+        self.times_s.append(time.perf_counter() - start)
+        self.losses.append(float(loss))
+        self.clock.check(self.times_s[-1])
+
+
+def _row_base(variant: Variant, cfg: PeerConfig, device: torch.device, params: int) -> dict:
+    return {"name": variant.name, "model": variant.model, "params": params, "precision": variant.precision,
+            "switches": _switch_names(variant, cfg, device), "status": "ok"}
+
+
+def _failure_status(variant: Variant, error: BaseException) -> str:
+    if isinstance(error, RowTooSlow):
+        return error.status
+    kind = "skipped" if variant.is_switch or variant.precision != "fp32" else "failed"
+    return f"{kind}: {_short(error)}"
+
+
+def _measured_row(row: dict, side: _Side, cfg: PeerConfig, flops: int, peak: float | None) -> dict:
+    seconds = Timing(side.times_s[cfg.warmup:]).median_s
+    return {
+        **row,
+        "first_step_s": side.times_s[0],
+        "step_ms": seconds * 1e3,
+        "times_ms": [t * 1e3 for t in side.times_s[cfg.warmup:]],
+        "images_per_s": cfg.batch / seconds,
+        "flops_per_step": flops,
+        "tflops_per_s": flops / seconds / 1e12,
+        "mfu": mfu(flops, seconds, peak),
+        "peak_mem_mb": side.memory_bytes / 2**20,
+        "losses": side.losses,
+    }
+
+
+def measure_together(variants, cfg, device, init_states: dict, batches, flops: dict, params: dict, peaks,
+                     limits: RowLimits = RowLimits()) -> list[dict]:
+    """One row per variant, their timed steps alternating (one variant: measured alone).
+
+    Each variant is built and runs its ``warmup`` steps (at least one) alone, under its own
+    :class:`PeakMemory`; then the timed steps alternate between the variants, in turns whose
+    order flips every step (A B, B A, ...). A CPU whose speed drifts over minutes (a shared
+    VM: one row's steps ranged 1.45-1.59 s) then slows both sides of a comparison alike,
+    where timing one side's steps after the other's would charge the drift to one of them.
+    A variant that fails or runs past its time limit drops out; the others go on.
+    """
+    rows, sides = [], []
+    first_steps = min(max(cfg.warmup, 1), len(batches))
+    try:
+        for variant in variants:
+            family = variant.model
+            row = _row_base(variant, cfg, device, params[family])
+            status = _skip_reason(variant, device)
+            status = f"skipped: {status}" if status else precheck(
+                cfg, params[family], flops[family], len(batches), peaks.get(variant.precision, {}).get("flops_per_s"),
+                limits)
+            side = None
+            if not status:
+                try:
+                    with PeakMemory(device) as memory:
+                        side = _Side(variant, cfg, init_states[family], device, len(batches), limits)
+                        for batch in batches[:first_steps]:
+                            side.step(batch)
+                    side.memory_bytes = memory.bytes
+                except Exception as error:  # noqa: BLE001 - one variant failing must not stop the others
+                    status, side = _failure_status(variant, error), None
+            rows.append({**row, "status": status} if status else row)
+            sides.append(side)
+        for index in range(first_steps, len(batches)):
+            turn = [i for i, side in enumerate(sides) if side is not None]
+            for i in turn if index % 2 == 0 else reversed(turn):
+                try:
+                    sides[i].step(batches[index])
+                except Exception as error:  # noqa: BLE001
+                    rows[i]["status"], sides[i] = _failure_status(variants[i], error), None
+        return [row if side is None else _measured_row(row, side, cfg, flops[row["model"]],
+                                                       peaks.get(row["precision"], {}).get("flops_per_s"))
+                for row, side in zip(rows, sides)]
+    finally:
+        if any(variant.compile for variant in variants):
+            torch._dynamo.reset()
+        del sides
+        gc.collect()
+
+
+def pair_up(variants, peer: str) -> list[tuple[Variant, ...]]:
+    """Groups measured together: each peer variant with the unizoo variant of the same switches.
+
+    unizoo's own levers (another attention kernel, checkpointing) have no peer counterpart
+    and are measured alone. Groups come in the order of their first variant.
+    """
+    unizoo_by_key = {}
+    for variant in variants:
+        if variant.model == "unizoo" and not variant.is_switch_lever:
+            unizoo_by_key.setdefault(variant.switch_key, variant)
+    paired = {unizoo_by_key[v.switch_key].name: v.name for v in variants
+              if v.model == peer and v.switch_key in unizoo_by_key}
+    by_name = {v.name: v for v in variants}
+    groups = []
+    for variant in variants:
+        if variant.name in paired:
+            continue  # measured with its peer
+        partner = next((by_name[u] for u, p in paired.items() if p == variant.name), None)
+        groups.append((variant, partner) if partner else (variant,))
+    return groups
 
 
 def count_step_flops(model_name: str, cfg: PeerConfig, batch) -> int:
@@ -208,42 +324,10 @@ def count_step_flops(model_name: str, cfg: PeerConfig, batch) -> int:
 
 def measure_variant(variant, cfg, device, init_state, batches, flops, params, peaks,
                     limits: RowLimits = RowLimits()) -> dict:
-    row = {"name": variant.name, "model": variant.model, "params": params,
-           "precision": variant.precision,
-           "switches": _switch_names(variant, cfg, device), "status": "ok"}
-    peak = peaks.get(variant.precision, {}).get("flops_per_s")
-    reason = _skip_reason(variant, device)
-    if reason:
-        return {**row, "status": f"skipped: {reason}"}
-    guarded = precheck(cfg, params, flops, len(batches), peak, limits)
-    if guarded:
-        return {**row, "status": guarded}
-    try:
-        with PeakMemory(device) as memory:
-            timing, losses = train_run(variant, cfg, init_state, batches, device, limits)
-    except RowTooSlow as stop:
-        return {**row, "status": stop.status}
-    except Exception as error:  # noqa: BLE001 - one variant failing must not stop the others
-        kind = "skipped" if variant.is_switch or variant.precision != "fp32" else "failed"
-        return {**row, "status": f"{kind}: {_short(error)}"}
-    finally:
-        if variant.compile:
-            torch._dynamo.reset()
-        gc.collect()
-    timed = Timing(timing.times_s[cfg.warmup:])
-    seconds = timed.median_s
-    return {
-        **row,
-        "first_step_s": timing.times_s[0],
-        "step_ms": seconds * 1e3,
-        "times_ms": [t * 1e3 for t in timed.times_s],
-        "images_per_s": cfg.batch / seconds,
-        "flops_per_step": flops,
-        "tflops_per_s": flops / seconds / 1e12,
-        "mfu": mfu(flops, seconds, peak),
-        "peak_mem_mb": memory.bytes / 2**20,
-        "losses": losses,
-    }
+    """One variant's row, measured alone."""
+    family = variant.model
+    return measure_together([variant], cfg, device, {family: init_state}, batches, {family: flops},
+                            {family: params}, peaks, limits)[0]
 
 
 def loss_checks(rows: list[dict]) -> list[dict]:
@@ -348,17 +432,17 @@ def run_peer(cfg: PeerConfig, device: torch.device, peaks: dict, variants=VARIAN
         flops[name] = count_step_flops(name, cfg, batches[0])
         progress(f"peer {name}: {params[name] / 1e6:.2f}M parameters, {flops[name] / 1e9:.4g} GFLOP "
                  f"per training step (forward + backward), {woken[name]} zero-init weights re-drawn")
-    rows = []
-    for variant in variants:
-        family = variant.model
-        row = measure_variant(variant, cfg, device, init_states[family], batches, flops[family], params[family],
-                              peaks, limits)
-        rows.append(row)
-        if row["status"] == "ok":
-            progress(f"peer {variant.name:<28} {row['step_ms']:9.1f} ms/step  {row['images_per_s']:8.2f} img/s  "
-                     f"{row['peak_mem_mb']:8.1f} MiB  (first step {row['first_step_s']:.1f} s)")
-        else:
-            progress(f"peer {variant.name:<28} {row['status']}")
+    measured = {}
+    for group in pair_up(variants, peer):
+        for row in measure_together(group, cfg, device, init_states, batches, flops, params, peaks, limits):
+            measured[row["name"]] = row
+            together = "" if len(group) == 1 else f"  (alternating with {next(v.name for v in group if v.name != row['name'])})"
+            if row["status"] == "ok":
+                progress(f"peer {row['name']:<28} {row['step_ms']:9.1f} ms/step  {row['images_per_s']:8.2f} img/s  "
+                         f"{row['peak_mem_mb']:8.1f} MiB  (first step {row['first_step_s']:.1f} s){together}")
+            else:
+                progress(f"peer {row['name']:<28} {row['status']}")
+    rows = [measured[variant.name] for variant in variants]
     _add_ratios(rows, variants, peer)
     checks = loss_checks(rows)
     best = best_vs_best(rows, checks, peer)
@@ -384,6 +468,7 @@ def run_peer(cfg: PeerConfig, device: torch.device, peaks: dict, variants=VARIAN
     return {
         "config": {**asdict(cfg), "steps": steps, "timed_steps": steps - cfg.warmup, "label": cfg.label},
         "peer": peer,
+        "timing": "alternating",  # see measure_together; older results timed each row after the other
         "parameters": params,
         "zero_init_weights_redrawn": woken,
         "flops_per_step": flops,

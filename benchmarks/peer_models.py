@@ -23,12 +23,20 @@ target ``noise - x0``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 
 from unizoo.components.generators.dit import dit
+from unizoo.composition import recipes_dir
+
+
+def recipe_adaln() -> str:
+    """The modulation the shipped generator recipe builds (recipes/generator/dit.yaml), so the
+    benchmark times the DiT a recipe trains, not the class's backward-compatible default."""
+    return OmegaConf.load(recipes_dir() / "generator" / "dit.yaml").get("adaln", "zero")
 
 
 @dataclass
@@ -44,6 +52,7 @@ class PeerConfig:
     condition_tokens: int = 1  # Q; 1 = the class token of the DiT comparison, >1 = the PixArt comparison
     condition_dim: int | None = None  # D of the condition tokens; None = hidden (the class table's width)
     lr: float = 1e-4
+    adaln: str = field(default_factory=recipe_adaln)  # unizoo's modulation: "zero" | "single" (DiT's adaln)
     attention: str = "auto"  # unizoo's backend, as a recipe's default: sdpa in fp32 (the kernel diffusers'
                              # AttnProcessor2_0 uses), gemm under bf16 on the CPU (attention.auto_backend)
     warmup: int = 3
@@ -89,6 +98,7 @@ def build_unizoo(cfg: PeerConfig, gradient_checkpointing: bool = False, attentio
         num_heads=cfg.heads,
         attention_backend=attention or cfg.attention,
         gradient_checkpointing=gradient_checkpointing,
+        adaln=cfg.adaln,
     )
 
 

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from .peer_pixart import ARCHITECTURE_NOTE as PIXART_NOTE
+from .peer_pixart import architecture_note as pixart_note
 from .tables import _fmt, _table, peaks_markdown
 
 PEER_NAMES = {"diffusers": "diffusers DiTTransformer2DModel", "pixart": "diffusers PixArtTransformer2DModel"}
-ARCHITECTURE_NOTES = {
-    "diffusers": (
+UNIZOO_ADALN = {"zero": "adaLN-Zero, as diffusers'", "single": "adaLN-single, one shared modulation Linear and a table per block"}
+
+
+def architecture_note(peer: str, adaln: str) -> str:
+    """What differs between unizoo's DiT (modulation ``adaln``) and ``peer`` at the same size."""
+    if peer == "pixart":
+        return pixart_note(adaln)
+    return (
         "Not the same model: diffusers' DiT is class-conditional (class_labels + integer timestep into adaLN-Zero); "
         "unizoo's DiT takes a condition sequence, here one (B, 1, width) token, read by cross-attention in every "
-        "block (over a single key that is exactly a per-sample linear map, which is how unizoo computes it)."
-    ),
-    "pixart": PIXART_NOTE,
-}
+        "block (over a single key that is exactly a per-sample linear map, which is how unizoo computes it), and "
+        f"modulates with {UNIZOO_ADALN[adaln]}."
+    )
 
 
 def _tolerances(result: dict) -> str:
@@ -54,9 +59,14 @@ def section_markdown(result: dict) -> str:
         f"### One training step (forward, MSE, backward, AdamW): unizoo DiT vs {PEER_NAMES[peer]}, {cfg['label']}",
         f"Parameters: unizoo {params['unizoo'] / 1e6:.2f}M, {peer} {params[peer] / 1e6:.2f}M. Model FLOPs per step "
         f"(forward + backward): unizoo {flops['unizoo'] / 1e9:.4g} G, {peer} {flops[peer] / 1e9:.4g} G. "
-        + ARCHITECTURE_NOTES[peer],
+        # Results written before the option existed were all adaLN-Zero.
+        + architecture_note(peer, cfg.get("adaln", "zero")),
         f"{cfg['steps']} steps per variant from the same init on the same data; the first {cfg['warmup']} "
-        f"untimed, median of {cfg['timed_steps']} timed. Loss check: every step's loss within a relative "
+        f"untimed, median of {cfg['timed_steps']} timed. "
+        + ("Rows with the same switches on both sides are timed together, their steps alternating, so drift of "
+           "the machine's speed hits both alike (unizoo-only rows run alone; peak memory is each row's build "
+           "and warm-up, alone). " if result.get("timing") == "alternating" else "")
+        + "Loss check: every step's loss within a relative "
         f"tolerance ({_tolerances(result)}) of the same family's fp32 eager loss (zero-initialised "
         "matrices are re-drawn first, so every block takes part from step 1). MFU: model FLOPs per "
         "second over the measured matmul peak at the row's precision (checkpointing's recompute not counted).",

@@ -260,9 +260,10 @@ def test_row_guard_says_why_a_row_cannot_run():
     assert precheck(cfg, 1000, 1, 4, 1e9, limits, free_bytes=needed).startswith("skipped: memory: needs about")
     assert precheck(cfg, 1000, flops=10**10, steps=4, peak_flops_per_s=1e9, limits=limits,
                     free_bytes=10 * needed).startswith("skipped: time: 4 steps take at least 40 s")
-    clock = StepClock(RowLimits(time_limit_s=0.0), steps=3)
-    with pytest.raises(RowTooSlow, match="stopped: time: 1 of 3 steps"):
-        clock.check()
+    clock = StepClock(RowLimits(time_limit_s=1.0), steps=3)
+    clock.check(0.6)  # only the row's own step seconds count
+    with pytest.raises(RowTooSlow, match="stopped: time: 2 of 3 steps took 1 s"):
+        clock.check(0.6)
 
 
 def test_a_row_over_its_time_limit_stops_and_says_so():
@@ -536,3 +537,47 @@ def test_vae_pretraining_schedules_table(tmp_path):
     assert "| 3 x 4 | bf16-mixed |" in (folder / "vae_pretraining-quick.md").read_text()
     with pytest.raises(SystemExit):
         vae_pretraining.main(["--schedules", "850:32", "--out", str(tmp_path)])
+
+
+def test_peer_and_unizoo_rows_of_the_same_switches_are_timed_in_alternation(monkeypatch):
+    import benchmarks.peer_dit as peer_dit  # noqa: PLC0415
+
+    variants = peer_dit.variants_for("pixart")
+    groups = [[v.name for v in group] for group in peer_dit.pair_up(variants, "pixart")]
+    assert groups == [
+        ["pixart fp32", "unizoo fp32"], ["pixart bf16", "unizoo bf16"], ["pixart compile", "unizoo compile"],
+        ["pixart fused-adamw", "unizoo fused-adamw"], ["pixart bf16+compile+fused", "unizoo bf16+compile+fused"],
+        ["unizoo bf16 sdpa"], ["unizoo checkpointing"], ["unizoo xformers"]]
+    assert sorted(name for group in groups for name in group) == sorted(v.name for v in variants)
+
+    calls = []
+
+    def fake_trainer(variant, cfg, init_state, device):
+        def step(batch):
+            calls.append((variant.model, batch))
+            if variant.model == "unizoo" and batch == 4:
+                raise RuntimeError("out of memory at step 4")
+            return torch.tensor(1.0)
+        return step
+
+    monkeypatch.setattr(peer_dit, "trainer", fake_trainer)
+    cfg = PeerConfig.quick()  # warmup 1
+    pair = (Variant("pixart fp32", "pixart"), Variant("unizoo fp32", "unizoo"))
+    rows = peer_dit.measure_together(pair, cfg, torch.device("cpu"), {"pixart": {}, "unizoo": {}}, list(range(6)),
+                                     flops={"pixart": 1, "unizoo": 1}, params={"pixart": 1, "unizoo": 1}, peaks={})
+    # Warm-up alone, each in turn; then alternation, the order flipping every step; a failed side drops out.
+    assert calls == [("pixart", 0), ("unizoo", 0), ("unizoo", 1), ("pixart", 1), ("pixart", 2), ("unizoo", 2),
+                     ("unizoo", 3), ("pixart", 3), ("pixart", 4), ("unizoo", 4), ("pixart", 5)]
+    assert rows[0]["status"] == "ok" and len(rows[0]["times_ms"]) == 5 and len(rows[0]["losses"]) == 6
+    assert rows[1]["status"] == "failed: RuntimeError: out of memory at step 4" and "images_per_s" not in rows[1]
+
+
+def test_peer_benchmark_builds_the_generator_a_recipe_trains():
+    from unizoo.composition import compose_recipe  # noqa: PLC0415
+
+    assert PeerConfig().adaln == compose_recipe().generator.adaln
+    from benchmarks.peer_models import build_unizoo  # noqa: PLC0415
+
+    with torch.device("meta"):
+        single = build_unizoo(replace(PeerConfig.quick(), adaln="single"))
+    assert single.adaln == "single" and hasattr(single.blocks[0], "scale_shift_table")

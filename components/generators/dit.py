@@ -8,7 +8,10 @@ original:
 * tokens come in already patchified (latent patches or CLIP features), ``(B, N, C)``;
 * the condition is a token sequence ``(B, Q, D)`` read by cross-attention in every
   block (PixArt-style), with a learned null condition for classifier-free guidance;
-* the timestep is a flow-matching time ``t`` in [0, 1] rather than an integer step.
+* the timestep is a flow-matching time ``t`` in [0, 1] rather than an integer step;
+* the modulation is ``adaln="zero"`` (DiT's: a ``Linear(width, 6·width)`` per block)
+  or ``adaln="single"`` (PixArt-alpha's adaLN-single: one shared projection and a
+  learned ``(6, width)`` table per block, a quarter fewer parameters at DiT-S).
 
 Sizes are named presets (``DIT_SIZES``); recipes build models through :func:`dit`.
 """
@@ -154,15 +157,27 @@ class CrossAttention(nn.Module):
         return self.proj(value).expand(B, N, C)
 
 
+ADALN_MODES = ("zero", "single")
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero self-attention, cross-attention to the condition, adaLN-Zero MLP.
 
     Residual gates (self-attention, MLP) and the cross-attention output projection
     are zero-initialised by :class:`DiT`, so a new block is the identity.
+
+    ``adaln="zero"``: the block projects the conditioning vector ``c (B, C)`` to its
+    six modulation vectors with its own Linear. ``adaln="single"``: the model has
+    projected ``c`` once for all blocks (``(B, 6·C)``); the block adds its own learned
+    ``(6, C)`` table (PixArt-alpha, sec. 2.3). Both start at zero, so either way the
+    gates are 0 and a new block is the identity.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, backend="auto"):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, backend="auto",
+                 adaln: str = "zero"):
         super().__init__()
+        if adaln not in ADALN_MODES:
+            raise ValueError(f"unknown adaln {adaln!r}; choose one of {list(ADALN_MODES)}")
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(hidden_size, num_heads, backend)
         # The condition does not depend on t, so cross-attention gets a plain
@@ -176,13 +191,22 @@ class DiTBlock(nn.Module):
             nn.GELU(approximate="tanh"),
             nn.Linear(mlp_hidden, hidden_size),
         )
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        # Only one of the two exists, under the name checkpoints of that mode carry.
+        if adaln == "zero":
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        else:
+            self.scale_shift_table = nn.Parameter(torch.zeros(6, hidden_size))
+
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The six ``(B, C)`` vectors: shift, scale, gate of self-attention, then of the MLP."""
+        if hasattr(self, "scale_shift_table"):  # c is the shared projection (B, 6C)
+            return (c.unflatten(1, (6, -1)) + self.scale_shift_table.to(c.dtype)).unbind(1)
+        return self.adaLN_modulation(c).chunk(6, dim=1)
 
     def forward(self, x, c, cond, cond_mask=None):
-        """``x (B, N, C)``, ``c (B, C)``, ``cond (B, Q, C)``, ``cond_mask (B, Q)`` -> ``(B, N, C)``."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c).chunk(6, dim=1)
-        )
+        """``x (B, N, C)``, ``c`` (``(B, C)``, or ``(B, 6C)`` with adaln="single"),
+        ``cond (B, Q, C)``, ``cond_mask (B, Q)`` -> ``(B, N, C)``."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
         x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         # With a one-token condition the cross-attention output does not depend on x at
         # all (see CrossAttention._single_token), so its pre-norm is skipped too.
@@ -216,6 +240,8 @@ class DiT(nn.Module):
         attention_backend: one of ``attention.BACKENDS``, used by every block.
         gradient_checkpointing: recompute each block in backward to save activations.
         aligned_condition: also add condition token i to token i (needs Q == N; image-feature decoders).
+        adaln: ``"zero"`` (a modulation Linear per block, DiT) or ``"single"`` (one shared
+            Linear plus a per-block table, PixArt-alpha's adaLN-single); see :class:`DiTBlock`.
     """
 
     def __init__(
@@ -230,6 +256,7 @@ class DiT(nn.Module):
         attention_backend: str = "auto",
         gradient_checkpointing: bool = False,
         aligned_condition: bool = False,
+        adaln: str = "zero",
     ):
         super().__init__()
         if hidden_size % num_heads:
@@ -256,8 +283,13 @@ class DiT(nn.Module):
         )
         # Classifier-free guidance: stands in for "no condition" (see drop_condition).
         self.null_condition = nn.Parameter(torch.zeros(1, 1, condition_dim))
+        self.adaln = adaln
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, attention_backend) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, attention_backend, adaln) for _ in range(depth)
+        )
+        # adaLN-single: the one projection of c every block's table is added to.
+        self.shared_modulation = (
+            nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)) if adaln == "single" else None
         )
         self.final_layer = FinalLayer(hidden_size, token_dim)
         self.set_attention_backend(attention_backend)
@@ -273,10 +305,14 @@ class DiT(nn.Module):
             nn.init.normal_(layer.weight, std=0.02)
         nn.init.normal_(self.null_condition, std=0.02)
         zero = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        if self.shared_modulation is not None:
+            zero.append(self.shared_modulation[-1])  # the tables start at 0 too (DiTBlock)
         for block in self.blocks:
             # adaLN-Zero gates -> self-attn and MLP branches are 0; a zero output
             # projection does the same for the (ungated) cross-attention branch.
-            zero += [block.adaLN_modulation[-1], block.cross_attn.proj]
+            zero += [block.cross_attn.proj]
+            if hasattr(block, "adaLN_modulation"):
+                zero.append(block.adaLN_modulation[-1])
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -321,11 +357,12 @@ class DiT(nn.Module):
                 raise ValueError(f"aligned_condition needs one condition token per token: {cond.shape[1]} != {self.num_tokens}")
             x = x + cond
         c = self.t_embedder(t) + self.pooled_embedder(_masked_mean(cond, cond_mask))
+        block_c = c if self.shared_modulation is None else self.shared_modulation(c)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, cond, cond_mask, use_reentrant=False)
+                x = checkpoint(block, x, block_c, cond, cond_mask, use_reentrant=False)
             else:
-                x = block(x, c, cond, cond_mask)
+                x = block(x, block_c, cond, cond_mask)
         return self.final_layer(x, c)
 
 

@@ -1,4 +1,4 @@
-"""DiT generator: shapes, adaLN-Zero init, presets, backends, CFG dropping, learning."""
+"""DiT generator: shapes, adaLN-Zero / adaLN-single init, presets, backends, CFG dropping, learning."""
 
 import pytest
 import torch
@@ -53,9 +53,10 @@ def test_position_embedding_2d_when_square_else_1d():
     assert "pos_embed" not in model.state_dict()  # fixed, non-persistent buffer
 
 
-def test_fresh_model_outputs_exact_zeros():
+@pytest.mark.parametrize("adaln", ["zero", "single"])
+def test_fresh_model_outputs_exact_zeros(adaln):
     torch.manual_seed(0)
-    model = dit("tiny", token_dim=4, num_tokens=64, condition_dim=32)
+    model = dit("tiny", token_dim=4, num_tokens=64, condition_dim=32, adaln=adaln)
     x, t, cond, mask = _inputs(model)
     assert torch.equal(model(x, t, cond, mask), torch.zeros_like(x))
 
@@ -136,9 +137,10 @@ def test_drop_condition_replaces_exactly_dropped_rows():
     assert model.null_condition.grad.abs().sum() > 0
 
 
-def test_overfits_a_fixed_batch():
+@pytest.mark.parametrize("adaln", ["zero", "single"])
+def test_overfits_a_fixed_batch(adaln):
     torch.manual_seed(0)
-    model = _small(depth=2, hidden_size=64)
+    model = _small(depth=2, hidden_size=64, adaln=adaln)
     x, t, cond, mask = _inputs(model, B=8)
     target = torch.randn_like(x)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -238,3 +240,51 @@ def test_compiles_to_one_graph(autocast):
         explanation = torch._dynamo.explain(model)(x, t, cond, mask)
     assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+def test_adaln_single_shares_one_projection():
+    # adaLN-single (PixArt-alpha): one Linear(C, 6C) for the model, a (6, C) table per
+    # block, in place of a Linear(C, 6C) per block: depth - 1 fewer such Linears.
+    C, depth = 64, 3
+    zero, single = (_small(depth=depth, hidden_size=C, adaln=mode) for mode in ("zero", "single"))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    per_linear = C * 6 * C + 6 * C
+    assert count(zero) - count(single) == (depth - 1) * per_linear - depth * 6 * C
+    assert all(hasattr(b, "scale_shift_table") and not hasattr(b, "adaLN_modulation") for b in single.blocks)
+    # adaLN-Zero keeps the parameter names of checkpoints written before the option existed.
+    assert "blocks.0.adaLN_modulation.1.weight" in zero.state_dict()
+    assert not any("scale_shift_table" in name or "shared_modulation" in name for name in zero.state_dict())
+    with pytest.raises(ValueError, match="zero.*single"):
+        _small(adaln="pixart")
+
+
+def test_adaln_single_modulation_is_table_plus_shared_projection():
+    model = _randomise(_small(adaln="single"))
+    block = model.blocks[1]
+    c = torch.randn(3, 6 * model.hidden_size)
+    shift_msa, scale_msa, gate_msa, *_, gate_mlp = block.modulation(c)
+    expected = c.view(3, 6, -1) + block.scale_shift_table
+    torch.testing.assert_close(shift_msa, expected[:, 0])
+    torch.testing.assert_close(gate_msa, expected[:, 2])
+    torch.testing.assert_close(gate_mlp, expected[:, 5])
+    # Under bf16 autocast the fp32 table must not promote the modulation back to fp32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(v.dtype == torch.bfloat16 for v in block.modulation(c.bfloat16()))
+
+
+@pytest.mark.parametrize("adaln", ["zero", "single"])
+def test_every_modulation_parameter_learns(adaln):
+    # From the zero init, a few steps must move every gate and table (no dead branch).
+    torch.manual_seed(0)
+    model = _small(adaln=adaln)
+    x, t, cond, mask = _inputs(model, B=8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(3):
+        loss = (model(x, t, cond, mask) - x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    modulation = [n for n in before if "adaLN" in n or "scale_shift_table" in n or "shared_modulation" in n]
+    assert modulation
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in modulation)
