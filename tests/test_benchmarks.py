@@ -193,7 +193,7 @@ def test_best_vs_best_is_computed_from_the_rows(quick_run):
         assert best["ratio"] == best["unizoo"]["images_per_s"] / best["peer"]["images_per_s"]
         rows = {r["name"]: r for r in result["rows"]}
         assert best["fp32_ratio"] == rows["unizoo fp32"]["images_per_s"] / rows[f"{peer} fp32"]["images_per_s"]
-        assert f"**{best['ratio']:.2f}x**; plain fp32: {best['fp32_ratio']:.2f}x" in md
+        assert f"**{best['ratio']:.3f}x**; plain fp32: **{best['fp32_ratio']:.3f}x**" in md
         assert (best["why"] is not None) == (best["ratio"] < 1)
         if best["ratio"] < 1:  # profiled first, within any limit
             assert " ms self time " in best["why"] or best["why"].startswith("no op slower"), best
