@@ -184,13 +184,12 @@ class _Side:
 
     def __init__(self, variant: Variant, cfg: PeerConfig, init_state: dict, device: torch.device,
                  steps: int, limits: RowLimits):
-        self.variant, self.device = variant, device
+        self.device = device
         self.train_step = trainer(variant, cfg, init_state, device)
         self.clock = StepClock(limits, steps)
         self.times_s: list[float] = []
         self.losses: list[float] = []
         self.memory_bytes = 0
-        self.status = "ok"
 
     def step(self, batch) -> None:
         synchronize(self.device)
@@ -290,16 +289,10 @@ def pair_up(variants, peer: str) -> list[tuple[Variant, ...]]:
     for variant in variants:
         if variant.model == "unizoo" and not variant.is_switch_lever:
             unizoo_by_key.setdefault(variant.switch_key, variant)
-    paired = {unizoo_by_key[v.switch_key].name: v.name for v in variants
-              if v.model == peer and v.switch_key in unizoo_by_key}
-    by_name = {v.name: v for v in variants}
-    groups = []
-    for variant in variants:
-        if variant.name in paired:
-            continue  # measured with its peer
-        partner = next((by_name[u] for u, p in paired.items() if p == variant.name), None)
-        groups.append((variant, partner) if partner else (variant,))
-    return groups
+    partner = {v.name: unizoo_by_key[v.switch_key] for v in variants
+               if v.model == peer and v.switch_key in unizoo_by_key}
+    taken = {unizoo.name for unizoo in partner.values()}  # measured with their peer
+    return [(v, partner[v.name]) if v.name in partner else (v,) for v in variants if v.name not in taken]
 
 
 def count_step_flops(model_name: str, cfg: PeerConfig, batch) -> int:
