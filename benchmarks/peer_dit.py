@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -111,6 +111,10 @@ FAMILIES = {
     "pixart": (build_pixart, pixart_loss),
 }
 REFERENCE = {family: f"{family} fp32" for family in FAMILIES}
+# The modulation unizoo's DiT is built with against each peer unless PeerConfig.adaln says
+# otherwise: the peer's own, so both sides have the same architecture where unizoo can match
+# it (diffusers' DiT: adaLN-Zero, a Linear per block; PixArt: adaLN-single, one shared Linear).
+PEER_ADALN = {"diffusers": "zero", "pixart": "single"}
 # Per-step |loss - reference loss| / |reference loss| allowed. fp32 switches only
 # reorder floating-point work (compile fuses, fused AdamW vectorises, checkpointing
 # recomputes); bf16 rounds activations to 8 mantissa bits.
@@ -412,6 +416,7 @@ def run_peer(cfg: PeerConfig, device: torch.device, peaks: dict, variants=VARIAN
     """All variants, loss checks, best vs best, parameter counts and FLOPs, plus the configuration used."""
     families = list(dict.fromkeys(v.model for v in variants))
     peer = next(f for f in families if f != "unizoo")
+    cfg = replace(cfg, adaln=cfg.adaln or PEER_ADALN[peer])
     steps = max(cfg.loss_steps, cfg.warmup + cfg.repeats)
     batches = make_batches(cfg, steps, device)
     init_states, flops, params, woken = {}, {}, {}, {}

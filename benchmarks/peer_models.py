@@ -23,7 +23,7 @@ target ``noise - x0``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -34,9 +34,24 @@ from unizoo.composition import recipes_dir
 
 
 def recipe_adaln() -> str:
-    """The modulation the shipped generator recipe builds (recipes/generator/dit.yaml), so the
-    benchmark times the DiT a recipe trains, not the class's backward-compatible default."""
+    """The modulation the shipped generator recipe builds (recipes/generator/dit.yaml)."""
     return OmegaConf.load(recipes_dir() / "generator" / "dit.yaml").get("adaln", "zero")
+
+
+# How each of unizoo's modulations (DiT's ``adaln``) is named in the tables.
+ADALN_NAMES = {
+    "zero": "adaLN-Zero (a Linear(width, 6 width) per block)",
+    "single": "adaLN-single (one shared Linear(width, 6 width) and a learned (6, width) table per block)",
+}
+
+
+def recipe_default_note(adaln: str) -> str:
+    """A sentence for a table whose unizoo side is not built as the shipped recipe builds its DiT."""
+    default = recipe_adaln()
+    if adaln == default:
+        return ""
+    return (f" The shipped recipe (recipes/generator/dit.yaml) builds adaln={default} instead, "
+            f"{ADALN_NAMES[default]}; `--adaln {default}` times that.")
 
 
 @dataclass
@@ -52,7 +67,9 @@ class PeerConfig:
     condition_tokens: int = 1  # Q; 1 = the class token of the DiT comparison, >1 = the PixArt comparison
     condition_dim: int | None = None  # D of the condition tokens; None = hidden (the class table's width)
     lr: float = 1e-4
-    adaln: str = field(default_factory=recipe_adaln)  # unizoo's modulation: "zero" | "single" (DiT's adaln)
+    # unizoo's modulation, "zero" | "single" (DiT's adaln); None = the peer's own (peer_dit.PEER_ADALN),
+    # which run_peer fills in: the issue's "same architecture where the architectures allow it".
+    adaln: str | None = None
     attention: str = "auto"  # unizoo's backend, as a recipe's default: sdpa in fp32 (the kernel diffusers'
                              # AttnProcessor2_0 uses), gemm under bf16 on the CPU (attention.auto_backend)
     warmup: int = 3

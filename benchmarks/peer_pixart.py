@@ -10,10 +10,11 @@ condition width D as unizoo's DiT in the same comparison:
   (Linear D->width, GELU, Linear width->width); unizoo with LayerNorm + Linear D->width.
 * ``norm_type="ada_norm_single"`` (PixArt's only one): one shared timestep MLP and
   ``Linear(width, 6·width)`` for the whole network plus a learned per-block table.
-  unizoo's DiT does the same with ``adaln="single"``; with ``adaln="zero"`` it has a
-  ``Linear(width, 6·width)`` per block (adaLN-Zero), on a per-sample vector: the
-  extra work is B·width·6·width per block, not per token, but the extra weights
-  (10M at DiT-S) cost the optimiser a full update each step.
+  unizoo's DiT does the same with ``adaln="single"``, which this comparison builds
+  unless told otherwise (``peer_dit.PEER_ADALN``; ``--adaln zero`` on the command line).
+  With ``adaln="zero"`` (the shipped recipe's) it has a ``Linear(width, 6·width)`` per
+  block, on a per-sample vector: the extra work is B·width·6·width per block, not per
+  token, but the extra weights (10M at DiT-S) cost the optimiser a full update each step.
 * ``out_channels=in_channels``: no learned-sigma channels (PixArt's default 8 would
   predict twice the output for a variance unizoo does not train).
 * ``use_additional_conditions=False``: no resolution / aspect-ratio embeddings
@@ -32,28 +33,24 @@ import torch.nn as nn
 
 from unizoo.components.backbones.causal_lm import LM_SIZES
 
+from .peer_models import ADALN_NAMES, recipe_default_note
+
 # The default recipe's backbone (recipes/backbone/qwen2.yaml: size tiny) produces the
 # generator's condition tokens at this width; tests check the two agree.
 DEFAULT_BACKBONE_SIZE = "tiny"
 DEFAULT_CONDITION_DIM = LM_SIZES[DEFAULT_BACKBONE_SIZE]["hidden_size"]
 
-UNIZOO_MODULATION = {
-    "single": "unizoo: adaLN-single too (recipes/generator/dit.yaml's adaln), with the mean-pooled condition "
-              "added to the timestep vector",
-    "zero": "unizoo: adaLN-Zero, a Linear per block on a per-sample vector, plus the mean-pooled condition in "
-            "that vector",
-}
-
-
 def architecture_note(adaln: str) -> str:
     """How the two models differ, for unizoo's DiT built with modulation ``adaln``."""
+    modulation = ("both modulate with " + ADALN_NAMES["single"] if adaln == "single" else
+                  f"PixArt modulates with {ADALN_NAMES['single']}, unizoo with {ADALN_NAMES[adaln]}")
     return (
         "Not the same model, the same work: both are DiT blocks (self-attention, cross-attention to the Q "
-        "condition tokens, MLP) at the same depth, width, heads, patch and Q. PixArt projects the condition with "
-        "a two-layer caption MLP (unizoo: LayerNorm + one Linear), modulates with adaLN-single (one shared "
-        f"Linear(width, 6 width) and a learned table per block; {UNIZOO_MODULATION[adaln]}), and puts no norm "
-        "before cross-attention (unizoo: an affine LayerNorm). out_channels = in_channels (no learned sigma), no "
-        "additional size conditions."
+        f"condition tokens, MLP) at the same depth, width, heads, patch and Q, and {modulation}. PixArt projects "
+        "the condition with a two-layer caption MLP (unizoo: LayerNorm + one Linear, and the mean-pooled "
+        "condition added to the timestep vector) and puts no norm before cross-attention (unizoo: an affine "
+        "LayerNorm). out_channels = in_channels (no learned sigma), no additional size conditions."
+        + recipe_default_note(adaln)
     )
 
 

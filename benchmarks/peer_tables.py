@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from .peer_models import ADALN_NAMES, recipe_default_note
 from .peer_pixart import architecture_note as pixart_note
 from .tables import _fmt, _table, peaks_markdown
 
 PEER_NAMES = {"diffusers": "diffusers DiTTransformer2DModel", "pixart": "diffusers PixArtTransformer2DModel"}
-UNIZOO_ADALN = {"zero": "adaLN-Zero, as diffusers'", "single": "adaLN-single, one shared modulation Linear and a table per block"}
 
 
 def architecture_note(peer: str, adaln: str) -> str:
@@ -17,7 +17,9 @@ def architecture_note(peer: str, adaln: str) -> str:
         "Not the same model: diffusers' DiT is class-conditional (class_labels + integer timestep into adaLN-Zero); "
         "unizoo's DiT takes a condition sequence, here one (B, 1, width) token, read by cross-attention in every "
         "block (over a single key that is exactly a per-sample linear map, which is how unizoo computes it), and "
-        f"modulates with {UNIZOO_ADALN[adaln]}."
+        f"modulates with {ADALN_NAMES[adaln]}" + (", as diffusers'." if adaln == "zero" else
+                                                  "; diffusers' with adaLN-Zero.")
+        + recipe_default_note(adaln)
     )
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from unizoo.components.generators.dit import ADALN_MODES
+
 from .attention_backends import AttentionConfig, run_attention
 from .cached_targets import TargetsConfig, run_cached_targets
 from .measure import measured_peaks, memory_method
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--scaling-tokens", type=int, nargs="+", default=None,
                        help="scaling: target tokens per image, square numbers (default 64 256 1024)")
     group.add_argument("--scaling-sizes", nargs="+", default=None, help="scaling: DiT sizes (default S B)")
+    group.add_argument("--adaln", choices=ADALN_MODES, default=None,
+                       help="unizoo DiT's modulation in every peer comparison (default: the peer's own, adaLN-Zero "
+                            "against diffusers' DiT, adaLN-single against PixArt)")
     group.add_argument("--row-time-limit", type=float, default=None,
                        help="seconds a peer row may take; longer rows say so instead of running (default 900)")
     group = parser.add_argument_group("variants (a training step per design-space cell, stage and size)")
@@ -129,7 +134,7 @@ def _configs(args, device: torch.device) -> tuple[AttentionConfig, PeerConfig, i
     }
     attention = replace(attention, **{k: v for k, v in overrides.items() if v is not None})
     overrides = {"batch": args.batch, "loss_steps": args.loss_steps, "compile_backend": args.compile_backend,
-                 "warmup": args.warmup, "repeats": args.repeats}
+                 "warmup": args.warmup, "repeats": args.repeats, "adaln": args.adaln}
     peer = replace(peer, **{k: v for k, v in overrides.items() if v is not None})
     peak_n = args.peak_n or (256 if args.quick else 8192 if device.type == "cuda" else 4096)
     peak_repeats = args.repeats or (2 if args.quick else 5)

@@ -572,12 +572,29 @@ def test_peer_and_unizoo_rows_of_the_same_switches_are_timed_in_alternation(monk
     assert rows[1]["status"] == "failed: RuntimeError: out of memory at step 4" and "images_per_s" not in rows[1]
 
 
-def test_peer_benchmark_builds_the_generator_a_recipe_trains():
+def test_peer_comparisons_build_unizoo_with_the_peer_s_modulation(quick_run):
+    """Same architecture where unizoo can match it: adaLN-Zero vs diffusers' DiT, adaLN-single vs PixArt."""
+    assert quick_run["peer"]["config"]["adaln"] == "zero"
+    conditioned = [*quick_run["pixart"]["sections"], *(p["section"] for p in quick_run["scaling"]["points"])]
+    assert {section["config"]["adaln"] for section in conditioned} == {"single"}
+    assert "both modulate with adaLN-single" in quick_run["pixart_md"]
+    from benchmarks.peer_models import build_unizoo, recipe_adaln, recipe_default_note  # noqa: PLC0415
     from unizoo.composition import compose_recipe  # noqa: PLC0415
 
-    assert PeerConfig().adaln == compose_recipe().generator.adaln
-    from benchmarks.peer_models import build_unizoo  # noqa: PLC0415
-
+    # Where the table's unizoo is not the recipe's DiT, the table says which the recipe builds.
+    assert recipe_adaln() == compose_recipe().generator.adaln
+    other = next(mode for mode in ("zero", "single") if mode != recipe_adaln())
+    assert f"builds adaln={recipe_adaln()} instead" in recipe_default_note(other)
+    assert recipe_default_note(recipe_adaln()) == ""
     with torch.device("meta"):
         single = build_unizoo(replace(PeerConfig.quick(), adaln="single"))
     assert single.adaln == "single" and hasattr(single.blocks[0], "scale_shift_table")
+
+
+def test_peer_adaln_flag_overrides_the_peer_s_modulation():
+    from benchmarks.run import _configs, build_parser  # noqa: PLC0415
+
+    args = build_parser().parse_args(["peer", "--quick", "--adaln", "zero"])
+    assert _configs(args, torch.device("cpu"))[1].adaln == "zero"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["peer", "--adaln", "none"])
