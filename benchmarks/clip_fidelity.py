@@ -14,7 +14,9 @@ per seed through `unizoo train`, in a process of its own; a run whose metrics.js
 complete is reused, so an interrupted table resumes. Scores are the evaluator's on
 `--prompts` val prompts (the same prompts and sampling noise for every variant). The decoder
 robustness rows decode real val features plus Gaussian noise of std sigma (features are unit
-scale), with and without noise augmentation.
+scale), with and without noise augmentation. The sampler rows reload the trained runs of
+`--sweep-variants` (EMA weights) and score them again at each `--guidance` scale, beside how
+their generated tokens differ from the real val tokens (`feature_statistics`).
 
 Writes `<out>/<machine>/clip_fidelity.{json,md}` (`-quick` for --quick).
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -53,6 +56,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 ROBUSTNESS_RUNS = {"scalar, clean": "clip_old", "scalar, noise 0.5": "clip_noise",
                    "channel, clean": "clip_channel", "channel, noise 0.5": "clip_all"}
 ROBUSTNESS_SIGMAS = (0.0, 0.2, 0.4, 0.8)
+SWEEP_VARIANTS = ("vae", "clip_all")
+SWEEP_GUIDANCES = (1.0, 3.0, 6.0)
 # Shrinks every size so --quick checks the harness in about a minute; its numbers mean nothing.
 QUICK_OVERRIDES = [
     "data.train_size=128", "data.val_size=32", "data.batch_size=8", "strategy.steps=3", "warmup_steps=1",
@@ -116,6 +121,56 @@ def decoder_robustness(path: Path, images: int) -> dict[str, float]:
             for sigma in ROBUSTNESS_SIGMAS}
 
 
+def feature_statistics(generated: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
+    """How generated target tokens ``(B, N, C)`` differ from real ones ``(B', N, C)`` (both normalised).
+
+    * ``std_ratio``: per-channel std of the generated over the real, averaged over channels
+      (below 1: the generator regresses towards the mean);
+    * ``mean_gap``: per-channel |mean difference| in units of the real std, averaged;
+    * ``neighbour_ratio``: mean squared difference between grid-neighbour tokens, generated
+      over real (below 1: spatially smoother than real features; above 1: noisier).
+    """
+    flat_generated, flat_real = generated.flatten(0, 1).float(), real.flatten(0, 1).float()
+    real_std = flat_real.std(0).clamp_min(1e-8)
+    stats = {
+        "std_ratio": float((flat_generated.std(0) / real_std).mean()),
+        "mean_gap": float(((flat_generated.mean(0) - flat_real.mean(0)).abs() / real_std).mean()),
+    }
+    side = math.isqrt(generated.shape[1])
+    if side * side == generated.shape[1] and side > 1:
+        def roughness(tokens: torch.Tensor) -> torch.Tensor:
+            grid = tokens.float().unflatten(1, (side, side))
+            return ((grid[:, 1:] - grid[:, :-1]).pow(2).mean() + (grid[:, :, 1:] - grid[:, :, :-1]).pow(2).mean()) / 2
+        stats["neighbour_ratio"] = float(roughness(generated) / roughness(real).clamp_min(1e-12))
+    return stats
+
+
+@torch.no_grad()
+def sampler_sweep(path: Path, prompts: int, guidances: tuple[float, ...], real_images: int) -> dict:
+    """A trained run's overall score at each guidance scale (its EMA weights, its evaluation seed), and its tokens' statistics."""
+    from hydra.utils import instantiate
+
+    from unizoo.evaluation import first_items
+    from unizoo.runs import load_run
+
+    recipe, model = load_run(path)
+    data = instantiate(recipe.data, _convert_="all")
+    data.setup("validate")
+    texts = data.prompts("val", prompts)
+    pictures, _ = first_items(data.val_dataloader(), real_images)
+    real = model.representation.encode(pictures)
+    evaluator = instantiate(recipe.evaluator)
+    sweep = {"recipe_guidance": float(model.objective.guidance), "scores": {}, "features": {}}
+    for guidance in guidances:
+        images, tokens = model.generate_with_tokens(texts, steps=recipe.evaluation.steps, guidance=guidance,
+                                                    seed=recipe.evaluation.seed)
+        sweep["scores"][str(guidance)] = evaluator(texts, images)["overall"]
+        sweep["features"][str(guidance)] = feature_statistics(tokens, real)
+        print(f"[clip_fidelity] {path.parent.name} guidance {guidance}: overall {sweep['scores'][str(guidance)]:.3f}, "
+              f"tokens {sweep['features'][str(guidance)]}", file=sys.stderr, flush=True)
+    return sweep
+
+
 def _mean_std(values: list[float]) -> str:
     values = [v for v in values if v == v]  # a score a run's evaluator did not have yet (NaN) is left out
     if not values:
@@ -162,6 +217,31 @@ def markdown(result: dict) -> str:
         ]
         for label, scores in result["robustness"].items():
             lines.append(f"| {label} | " + " | ".join(f"{scores[str(s)]:.3f}" for s in ROBUSTNESS_SIGMAS) + " |")
+    if result.get("sampler"):
+        guidances = result["guidances"]
+        lines += [
+            "",
+            f"### Sampler: the trained runs scored again at each classifier-free guidance scale (EMA weights, "
+            f"{result['prompts']} val prompts, the runs' own sampling seed), and how their generated tokens differ "
+            f"from {result['robustness_images']} real val tokens (mean ± std over seeds)",
+            "",
+            "std ratio: per-channel std of generated over real tokens (below 1: pulled towards the mean); mean gap: "
+            "per-channel mean difference in real stds; neighbour ratio: squared difference of grid-neighbour tokens, "
+            "generated over real (below 1: smoother than real features).",
+            "",
+            "| variant | seeds | run's score (recipe guidance) | " + " | ".join(f"guidance {g:g}" for g in guidances)
+            + " | " + " | ".join(f"{name} (guidance {g:g})" for g in (guidances[0], guidances[-1])
+                                  for name in ("std ratio", "mean gap", "neighbour ratio")) + " |",
+            "|---|---|---|" + "---|" * (len(guidances) + 6),
+        ]
+        for name, sweeps in result["sampler"].items():
+            runs = {r["seed"]: r for r in result["variants"][name]}
+            cells = [_mean_std([s["scores"][str(g)] for s in sweeps]) for g in guidances]
+            stats = [_mean_std([s["features"][str(g)].get(key, float("nan")) for s in sweeps])
+                     for g in (guidances[0], guidances[-1]) for key in ("std_ratio", "mean_gap", "neighbour_ratio")]
+            lines.append(f"| `{name}` | {', '.join(str(s['seed']) for s in sweeps)} | "
+                         f"{_mean_std([runs[s['seed']]['trained']['overall'] for s in sweeps])} "
+                         f"({sweeps[0]['recipe_guidance']:g}) | " + " | ".join(cells) + " | " + " | ".join(stats) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -174,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/clip_fidelity"), help="where the runs go (reused)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results root (default {DEFAULT_OUT})")
     parser.add_argument("--robustness-images", type=int, default=256, help="val images of the robustness rows (0: none)")
+    parser.add_argument("--sweep-variants", nargs="*", default=list(SWEEP_VARIANTS), choices=list(VARIANTS),
+                        help=f"variants whose trained runs the sampler rows score again (default {' '.join(SWEEP_VARIANTS)}; none: skip)")
+    parser.add_argument("--guidance", type=float, nargs="+", default=list(SWEEP_GUIDANCES),
+                        help=f"guidance scales of the sampler rows (default {' '.join(map(str, SWEEP_GUIDANCES))})")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, numbers mean nothing")
     parser.add_argument("--existing-only", action="store_true",
                         help="train nothing: tabulate the complete runs already under --runs (each row says its seeds)")
@@ -182,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs.resolve()
     command = "python -m benchmarks.clip_fidelity " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"command": command, "environment": environment(torch.device("cpu"), command), "seeds": args.seeds, "prompts": args.prompts,
-              "quick": args.quick, "variants": {}, "robustness": {}, "robustness_images": args.robustness_images}
+              "quick": args.quick, "variants": {}, "robustness": {}, "robustness_images": args.robustness_images,
+              "guidances": args.guidance, "sampler": {}}
     for name in args.variants:
         if args.existing_only:
             found = {seed: run_dir(runs, f"{name}_s{seed}") for seed in args.seeds}
@@ -203,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         if name in result["variants"] and args.robustness_images > 0:
             probe = run_dir(runs, f"{name}_s{result['variants'][name][0]['seed']}")
             result["robustness"][label] = decoder_robustness(probe, args.robustness_images)
+    for name in args.sweep_variants:
+        if name in result["variants"]:
+            result["sampler"][name] = [
+                dict(sampler_sweep(run_dir(runs, f"{name}_s{r['seed']}"), args.prompts, tuple(args.guidance),
+                                   max(args.robustness_images, 1)), seed=r["seed"])
+                for r in result["variants"][name]]
 
     folder = args.out / machine_slug(torch.device("cpu"))
     folder.mkdir(parents=True, exist_ok=True)

@@ -510,7 +510,8 @@ def test_quick_run_on_cuda(tmp_path):
 def test_clip_fidelity_table_runs_and_resumes(tmp_path):
     """The lever table end to end at tiny size: trains each variant in its own process, then reuses the runs."""
     command = [sys.executable, "-m", "benchmarks.clip_fidelity", "--quick", "--seeds", "0", "--variants", "vae", "clip_all",
-               "--prompts", "4", "--robustness-images", "4", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+               "--prompts", "4", "--robustness-images", "4", "--guidance", "1", "6", "--runs", str(tmp_path / "runs"),
+               "--out", str(tmp_path / "out")]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert first.returncode == 0, first.stderr[-3000:]
     (folder,) = (tmp_path / "out").iterdir()
@@ -520,8 +521,31 @@ def test_clip_fidelity_table_runs_and_resumes(tmp_path):
         assert 0.0 <= runs[0]["trained"]["overall"] <= 1.0 and 0.0 <= runs[0]["representation"]["random_features"] <= 1.0
     assert set(result["robustness"]) == {"channel, noise 0.5"}
     assert "| `clip_all` |" in (folder / "clip_fidelity-quick.md").read_text()
+    # The sampler rows: both runs scored again at each guidance, their tokens compared with real ones.
+    assert set(result["sampler"]) == {"vae", "clip_all"} and result["guidances"] == [1.0, 6.0]
+    for (sweep,) in result["sampler"].values():
+        assert set(sweep["scores"]) == {"1.0", "6.0"} and all(0.0 <= v <= 1.0 for v in sweep["scores"].values())
+        assert sweep["features"]["1.0"]["std_ratio"] > 0 and "neighbour_ratio" in sweep["features"]["6.0"]
+    assert "### Sampler" in (folder / "clip_fidelity-quick.md").read_text()
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0 and again.stderr.count("reusing") == 2, again.stderr[-2000:]
+
+
+def test_feature_statistics_of_generated_tokens():
+    from benchmarks.clip_fidelity import feature_statistics  # noqa: PLC0415
+
+    real = torch.randn(16, 64, 8, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    same = feature_statistics(real, real)
+    assert same == pytest.approx({"std_ratio": 1.0, "mean_gap": 0.0, "neighbour_ratio": 1.0})
+    mean = real.mean(dim=(0, 1))
+    halved = feature_statistics((real - mean) * 0.5 + mean, real)  # pulled halfway to each channel's mean
+    assert halved["std_ratio"] == pytest.approx(0.5, rel=1e-4) and halved["neighbour_ratio"] == pytest.approx(0.25, rel=1e-4)
+    assert halved["mean_gap"] == pytest.approx(0.0, abs=1e-5)
+    shifted = feature_statistics(real + 2.0, real)  # two real stds off in every channel
+    assert shifted["mean_gap"] == pytest.approx(1.0, rel=0.05)
+    flat = feature_statistics(real.mean(1, keepdim=True).expand_as(real), real)  # one token repeated: no structure
+    assert flat["neighbour_ratio"] == 0.0
+    assert "neighbour_ratio" not in feature_statistics(real[:, :63], real[:, :63])  # not a square grid
 
 
 def test_vae_pretraining_schedules_table(tmp_path):

@@ -145,13 +145,21 @@ class UnifiedModel(L.LightningModule):
 
         `steps` / `guidance` of None take the objective's recipe defaults.
         """
+        return self.generate_with_tokens(prompts, steps, guidance, seed, batch_size)[0]
+
+    @torch.no_grad()
+    def generate_with_tokens(
+        self, prompts: list[str], steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`generate`'s images and the generated target tokens `(len(prompts), N, C)` they were decoded from."""
         was_training = self.training
         self.eval()
         rng = torch.Generator().manual_seed(seed)
-        images = []
+        images, generated = [], []
         for start in range(0, len(prompts), batch_size):
             condition = self.backbone.condition(prompts[start : start + batch_size])
             tokens = self.objective.sample(self.generator, condition, steps=steps, guidance=guidance, rng=rng)
             images.append(self.representation.decode(tokens).float().cpu())
+            generated.append(tokens.float().cpu())
         self.train(was_training)
-        return torch.cat(images)
+        return torch.cat(images), torch.cat(generated)
