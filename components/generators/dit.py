@@ -48,6 +48,27 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) ->
     return torch.addcmul(x, gate.unsqueeze(1), branch)
 
 
+# sqrt(2 / pi), the tanh-GELU's inner scale, doubled: 0.5 * (1 + tanh(z)) == sigmoid(2 z).
+_TWO_SQRT_2_OVER_PI = 2 * math.sqrt(2 / math.pi)
+
+
+class TanhGELU(nn.Module):
+    """GELU with the tanh approximation (DiT's MLP activation), ``nn.GELU(approximate="tanh")``.
+
+    Eager PyTorch has one fused kernel for it, which runs as is. Under ``torch.compile`` the
+    same function is written as ``x * sigmoid(2 z)``, ``z = sqrt(2/pi) (x + 0.044715 x^3)``:
+    ``0.5 (1 + tanh(z))`` equals ``sigmoid(2 z)`` exactly (the two agree to 2.4e-7 in fp32),
+    and inductor's CPU code for sigmoid (one exp) is much cheaper than for tanh. Forward +
+    backward of the activation at DiT-S/2's MLP width (bf16, 8 x 256 x 1536) went from 7.5 to
+    3.7 ms on a 2-core Xeon, about 9% of a compiled DiT-S/2 training step.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return x * torch.sigmoid(_TWO_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+        return nn.functional.gelu(x, approximate="tanh")
+
+
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """``(L,)`` positions -> ``(L, dim)`` [sin | cos] features (transformer style)."""
     if dim % 2:
@@ -188,7 +209,7 @@ class DiTBlock(nn.Module):
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.mlp = nn.Sequential(
             nn.Linear(hidden_size, mlp_hidden),
-            nn.GELU(approximate="tanh"),
+            TanhGELU(),
             nn.Linear(mlp_hidden, hidden_size),
         )
         # Only one of the two exists, under the name checkpoints of that mode carry.

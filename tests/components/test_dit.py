@@ -288,3 +288,22 @@ def test_every_modulation_parameter_learns(adaln):
     modulation = [n for n in before if "adaLN" in n or "scale_shift_table" in n or "shared_modulation" in n]
     assert modulation
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in modulation)
+
+
+def test_tanh_gelu_is_the_tanh_approximation_eager_and_compiled():
+    """Eager: nn.GELU(approximate="tanh") exactly. Compiled: its sigmoid form, the same function."""
+    from unizoo.components.generators.dit import TanhGELU
+
+    x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(0)) * 3
+    reference = torch.nn.GELU(approximate="tanh")
+    assert torch.equal(TanhGELU()(x), reference(x))
+    compiled = torch.compile(TanhGELU(), backend="aot_eager", fullgraph=True)
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        mine, theirs = (x.to(dtype).clone().requires_grad_() for _ in range(2))
+        out, expected = compiled(mine), reference(theirs)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
+        out.float().pow(2).sum().backward()
+        expected.float().pow(2).sum().backward()
+        torch.testing.assert_close(mine.grad.float(), theirs.grad.float(), atol=tolerance * 100, rtol=tolerance * 10)
+    torch._dynamo.reset()
