@@ -115,7 +115,9 @@ def build_unizoo(cfg: PeerConfig, gradient_checkpointing: bool = False, attentio
         num_heads=cfg.heads,
         attention_backend=attention or cfg.attention,
         gradient_checkpointing=gradient_checkpointing,
-        adaln=cfg.adaln,
+        # run_peer fills in the peer's own modulation; a model built outside a comparison has no
+        # peer to match, so it is the shipped recipe's.
+        adaln=cfg.adaln or recipe_adaln(),
     )
 
 
