@@ -50,7 +50,7 @@ from .peer_models import (
     wake_zero_init,
 )
 from .peer_pixart import build_pixart, pixart_loss
-from .peer_why import self_time_by_op, top_difference, why_text
+from .peer_why import kernel_profiling, self_time_by_op, top_difference, why_text
 from .row_guard import RowLimits, RowTooSlow, StepClock, precheck
 
 
@@ -393,7 +393,8 @@ def explain_slower(pairs, variants, cfg, device, init_states, batches, peer, pro
             variant = by_name[name]
             step = trainer(variant, cfg, init_states[variant.model], device)
             try:
-                step(batches[0])  # compile, warm the allocator
+                with kernel_profiling():
+                    step(batches[0])  # compile, warm the allocator
                 profiles[name] = self_time_by_op(lambda: step(batches[1]), device)  # the same batch each call
             finally:
                 if variant.compile:

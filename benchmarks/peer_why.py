@@ -5,18 +5,50 @@ device time too). Per op name (``aten::addmm``, ...) the self time is the median
 three, and the op whose self time grew most from the peer to unizoo is named. Self
 time, not total: a parent op (``aten::linear``) would otherwise be charged for its
 children and show up next to them.
+
+A compiled step runs inductor's generated C++ kernels, which the profiler does not see
+unless they record themselves: ``kernel_profiling()`` turns that on for the step being
+compiled, so a compiled row's "why" names a fused kernel (``cpp_fused_add_mul_...``)
+rather than the whole graph. Kernel names carry their graph's number and an index
+that differ from model to model; ``op_name`` drops both, so the same fusion on the two
+sides is one name.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 # Profiler bookkeeping, not work: never "the op that costs it".
 _IGNORED = ("ProfilerStep", "[memory]", "Torch-Compiled Region", "CompiledFunction")
+
+# What is left of a compiled graph's own record once its kernels record themselves: the
+# Python wrapper between kernels. Its key carries the graph's cache hash, unique per model.
+COMPILED_GRAPH = "compiled graph, outside its kernels"
+_KERNEL = re.compile(r"^(?:graph_\d+_)?(cpp_fused_\w*?)(?:_\d+)?$")
+
+
+def op_name(key: str) -> str:
+    """The name an op is compared under: fused kernels and compiled graphs without their per-model numbers."""
+    if key.startswith("## Call CompiledFxGraph"):
+        return COMPILED_GRAPH
+    kernel = _KERNEL.match(key)
+    return kernel.group(1) if kernel else key
+
+
+def kernel_profiling() -> AbstractContextManager:
+    """While a step compiles inside this, its C++ kernels record themselves to the profiler.
+
+    Only the profiled steps compile under it: a timed row's kernels stay as they ship.
+    """
+    import torch._inductor.config as inductor_config  # noqa: PLC0415 - inductor loads lazily
+
+    return inductor_config.patch({"cpp.enable_kernel_profile": True})
 
 
 def _one_profile(step: Callable[[], object], device: torch.device) -> dict[str, float]:
@@ -30,7 +62,8 @@ def _one_profile(step: Callable[[], object], device: torch.device) -> dict[str, 
         if any(event.key.startswith(name) for name in _IGNORED):
             continue
         own = event.self_cpu_time_total + (getattr(event, "self_device_time_total", 0) or 0)
-        times[event.key] = times.get(event.key, 0.0) + own
+        name = op_name(event.key)
+        times[name] = times.get(name, 0.0) + own
     return times
 
 

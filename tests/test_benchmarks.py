@@ -29,7 +29,7 @@ from benchmarks.peer_dit import REFERENCE, VARIANTS, Variant, measure_variant, s
 from benchmarks.peer_models import PeerConfig  # noqa: E402
 from benchmarks.peer_pixart import DEFAULT_CONDITION_DIM  # noqa: E402
 from benchmarks.peer_suite import ScalingConfig  # noqa: E402
-from benchmarks.peer_why import self_time_by_op, top_difference  # noqa: E402
+from benchmarks.peer_why import COMPILED_GRAPH, kernel_profiling, op_name, self_time_by_op, top_difference  # noqa: E402
 from benchmarks.row_guard import RowLimits, RowTooSlow, StepClock, estimated_step_bytes, precheck  # noqa: E402
 from benchmarks.report import machine_slug  # noqa: E402
 from benchmarks.variants import VariantsConfig, run_variants, variants_markdown  # noqa: E402
@@ -288,6 +288,32 @@ def test_why_profiles_name_the_op_that_differs():
     assert difference["op"] == "aten::mm" and difference["peer_ms"] == 0 and difference["difference_ms"] > 0
     assert [v.name for v in switch_variants("pixart")] == [
         "pixart fp32", "pixart bf16", "pixart compile", "pixart fused-adamw", "pixart bf16+compile+fused"]
+
+
+def test_compiled_kernels_are_named_alike_on_both_sides():
+    assert op_name("graph_3_cpp_fused_add_mul_native_layer_norm_7") == "cpp_fused_add_mul_native_layer_norm"
+    assert op_name("graph_0_cpp_fused_add_mul_native_layer_norm_2") == "cpp_fused_add_mul_native_layer_norm"
+    assert op_name("## Call CompiledFxGraph fysw7vaish36uc6dc2 ##") == COMPILED_GRAPH
+    assert op_name("aten::addmm") == "aten::addmm"
+
+
+def test_a_step_compiled_under_kernel_profiling_shows_its_fused_kernels():
+    torch._dynamo.reset()
+    x = torch.randn(64, 64)
+
+    def gelu_of_sum(t):
+        return torch.nn.functional.gelu(t + 1.0) * 2.0
+
+    compiled = torch.compile(gelu_of_sum)
+    try:
+        with kernel_profiling():
+            compiled(x)
+        times = self_time_by_op(lambda: compiled(x), torch.device("cpu"))
+    finally:
+        torch._dynamo.reset()
+    kernels = [name for name in times if name.startswith("cpp_fused_")]
+    assert kernels, sorted(times)
+    assert not any(name.startswith("graph_") for name in times)
 
 
 def test_bad_peer_sizes_are_usage_errors():
