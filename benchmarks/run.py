@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from unizoo.components.generators.dit import ADALN_MODES
+from unizoo.components.generators.dit_blocks import ADALN_MODES
 
 from .attention_backends import AttentionConfig, run_attention
 from .cached_targets import TargetsConfig, run_cached_targets

@@ -221,7 +221,7 @@ def test_single_token_condition_shortcut_matches_full_attention(masked):
 
 
 def test_fused_adaln_ops_match_their_formulas():
-    from unizoo.components.generators.dit import gated_residual, modulate
+    from unizoo.components.generators.dit_blocks import gated_residual, modulate
 
     g = torch.Generator().manual_seed(0)
     x, branch = torch.randn(2, 2, 5, 8, generator=g)
@@ -292,7 +292,7 @@ def test_every_modulation_parameter_learns(adaln):
 
 def test_tanh_gelu_is_the_tanh_approximation_eager_and_compiled():
     """Eager: nn.GELU(approximate="tanh") exactly. Compiled: its sigmoid form, the same function."""
-    from unizoo.components.generators.dit import TanhGELU
+    from unizoo.components.generators.dit_blocks import TanhGELU
 
     x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(0)) * 3
     reference = torch.nn.GELU(approximate="tanh")
