@@ -10,6 +10,13 @@ arXiv 2510.11690) shows that a target with more numbers per sample keeps more of
 signal at a given noise level, so the same sigma destroys less of it; shifting the
 schedule by `sqrt(m / n)` (m = tokens x channels of the target, n a base dimension)
 moves training and sampling towards noise until the corruption matches the base's.
+
+What the generator outputs can be the velocity itself or the clean target x0
+(`prediction="x0"`, Li & He's JiT, arXiv 2511.13720): the loss and the sampler
+stay on the velocity, `(x_t - x0_hat) / sigma`, so only the network's job changes.
+Clean data lies near a low-dimensional manifold while the velocity carries the full
+noise; for wide target tokens (64-channel CLIP features) predicting x0 is the
+easier function for a small network.
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ from unizoo.components.objectives.guidance import guided
 log = logging.getLogger(__name__)
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+PREDICTIONS = ("velocity", "x0")
+# Smallest sigma the training loss divides an x0 prediction by (JiT's clip): the loss
+# weight 1 / sigma^2 stays bounded near the data end. The sampler divides exactly: its
+# Euler step is -sigma long, so the last step lands on x0_hat whatever sigma is.
+MIN_PREDICTION_SIGMA = 0.05
 
 
 # The base dimension of `shift="auto"`: the embedded default's VAE target (64 tokens x 4
@@ -59,6 +71,7 @@ class FlowMatching(nn.Module):
         num_train_timesteps: int = 1000,
         sample_steps: int = 30,
         guidance: float = 3.0,
+        prediction: Literal["velocity", "x0"] = "velocity",
     ) -> None:
         super().__init__()
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
@@ -66,6 +79,9 @@ class FlowMatching(nn.Module):
                 f"objective.timestep_sampling={timestep_sampling!r}; valid choices: {', '.join(TIMESTEP_SAMPLINGS)}"
             )
         self.timestep_sampling = timestep_sampling
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"objective.prediction={prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
+        self.prediction = prediction
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.condition_dropout = condition_dropout
         if not (shift == "auto" or (isinstance(shift, (int, float)) and shift > 0)):
@@ -98,6 +114,14 @@ class FlowMatching(nn.Module):
             sigma = torch.rand(batch, device=device)
         return shift_sigmas(sigma, self.shift_for(token_shape))
 
+    def velocity(self, output: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, min_sigma: float = 0.0) -> torch.Tensor:
+        """The velocity `noise - x0` the generator's `output` at `(x_t, sigma)` stands for."""
+        if self.prediction == "velocity":
+            return output
+        # x_t = sigma * noise + (1 - sigma) * x0  =>  noise - x0 = (x_t - x0) / sigma.
+        s = sigma.clamp_min(min_sigma).view(-1, *([1] * (x_t.dim() - 1))).to(output.dtype)
+        return (x_t - output) / s
+
     def loss(self, generator: nn.Module, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Mean squared error of the predicted velocity; `x0` target tokens `(B, N, C)`, cond `(B, Q, D)`."""
         batch = x0.shape[0]
@@ -106,8 +130,8 @@ class FlowMatching(nn.Module):
         s = sigma.view(batch, *([1] * (x0.dim() - 1))).to(x0.dtype)
         x_t = s * noise + (1 - s) * x0
         drop = torch.rand(batch, device=x0.device) < self.condition_dropout
-        prediction = generator(x_t, sigma, generator.drop_condition(cond, drop))
-        return F.mse_loss(prediction.float(), (noise - x0).float())
+        output = generator(x_t, sigma, generator.drop_condition(cond, drop))
+        return F.mse_loss(self.velocity(output.float(), x_t.float(), sigma, MIN_PREDICTION_SIGMA), (noise - x0).float())
 
     def scheduler(self, token_shape: tuple[int, ...] | None = None) -> FlowMatchEulerDiscreteScheduler:
         """diffusers' Euler scheduler with the shift for targets of `token_shape` (needed for "auto")."""
@@ -134,5 +158,6 @@ class FlowMatching(nn.Module):
         x = torch.randn((batch, *generator.token_shape), generator=rng, device="cpu").to(device, cond.dtype)
         for t in scheduler.timesteps:
             sigma = (t / self.num_train_timesteps).expand(batch).to(device)
-            x = scheduler.step(guided(generator, x, sigma, cond, guidance), t, x).prev_sample
+            # Guidance mixes outputs linearly and the velocity is linear in the output: guide, then convert.
+            x = scheduler.step(self.velocity(guided(generator, x, sigma, cond, guidance), x, sigma), t, x).prev_sample
         return x

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from unizoo.components.objectives.flow_matching import SHIFT_BASE_DIM, FlowMatching, dimension_shift, shift_sigmas
+from unizoo.components.objectives.flow_matching import (
+    MIN_PREDICTION_SIGMA, SHIFT_BASE_DIM, FlowMatching, dimension_shift, shift_sigmas,
+)
 
 
 class ConstantVelocity(nn.Module):
@@ -33,6 +35,14 @@ class ConstantVelocity(nn.Module):
         # Guided sampling doubles the batch ([conditional; unconditional]).
         x0 = self.x0.repeat(x.shape[0] // self.x0.shape[0], 1, 1)
         return (x - x0) / sigma.view(-1, 1, 1)
+
+
+class ConstantData(ConstantVelocity):
+    """The same fixed x0, output as the clean target itself (what an x0-predicting generator learns)."""
+
+    def forward(self, x, sigma, cond):
+        self.calls.append(sigma.clone())
+        return self.x0.repeat(x.shape[0] // self.x0.shape[0], 1, 1)
 
 
 class Recorder(nn.Module):
@@ -105,6 +115,41 @@ def test_sampler_integrates_the_exact_velocity_to_the_data(guidance):
     assert torch.allclose(samples, x0, atol=1e-4)
     assert generator.calls[0].max() == pytest.approx(1.0)
     assert len(generator.calls) == 5
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_an_x0_prediction_is_integrated_as_its_velocity_to_the_data(guidance):
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 6, 2)
+    samples = FlowMatching(prediction="x0").sample(ConstantData(x0), torch.zeros(3, 1, 1), steps=5, guidance=guidance)
+    # (x_t - x0) / sigma is the exact velocity of the straight path: Euler lands on the data.
+    assert torch.allclose(samples, x0, atol=1e-4)
+
+
+def test_x0_prediction_loss_is_the_velocity_mse_of_the_implied_velocity():
+    torch.manual_seed(0)
+    x0 = torch.randn(64, 5, 4)
+    generator = Recorder()  # predicts x0_hat = 0
+    objective = FlowMatching(timestep_sampling="uniform", condition_dropout=0.0, prediction="x0")
+    cond = torch.randn(64, 2, 3)
+    torch.manual_seed(1)
+    loss = objective.loss(generator, x0, cond)
+    torch.manual_seed(1)
+    noise = torch.randn_like(x0)
+    sigma = torch.rand(64).view(-1, 1, 1)
+    x_t = sigma * noise + (1 - sigma) * x0
+    # v_hat = (x_t - 0) / max(sigma, 0.05), compared with the true velocity noise - x0.
+    implied = x_t / sigma.clamp_min(MIN_PREDICTION_SIGMA)
+    assert torch.allclose(loss, ((implied - (noise - x0)) ** 2).mean(), rtol=1e-5)
+    # A perfect x0 prediction has zero loss wherever sigma is above the clip.
+    perfect = FlowMatching(timestep_sampling="uniform", condition_dropout=0.0, prediction="x0")
+    perfect.sample_sigmas = lambda batch, device, shape=None: torch.full((batch,), 0.5)
+    assert perfect.loss(ConstantData(x0), x0, torch.zeros(64, 1, 3)).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_unknown_prediction_is_a_clear_error():
+    with pytest.raises(ValueError, match="objective.prediction='noise'; valid choices: velocity, x0"):
+        FlowMatching(prediction="noise")
 
 
 def test_unknown_timestep_sampling_is_a_clear_error():
