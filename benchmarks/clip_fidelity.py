@@ -6,7 +6,9 @@ Every lever is a recipe value (RAE, Zheng et al., arXiv 2510.11690):
 * `objective.shift=auto`: the timestep shift sqrt(tokens x channels / 256), 4 for 64 CLIP
   tokens of 64 channels, 1 for the default VAE target;
 * `representation.normalize=channel`: per-channel rather than one scalar feature normalisation;
-* `decoder.training.noise_std`: the CLIP-to-pixel decoder trained on noise-augmented features.
+* `decoder.training.noise_std`: the CLIP-to-pixel decoder trained on noise-augmented features;
+* `objective.prediction=x0` (JiT, Li & He, arXiv 2511.13720): the generator outputs the clean
+  tokens rather than the velocity; loss and sampler stay on the velocity.
 
 Each variant trains the generation-only recipe (`strategy=generation`, default sizes and
 steps, so every variant has the same generator and the same number of optimiser steps) once
@@ -16,7 +18,11 @@ complete is reused, so an interrupted table resumes. Scores are the evaluator's 
 robustness rows decode real val features plus Gaussian noise of std sigma (features are unit
 scale), with and without noise augmentation. The sampler rows reload the trained runs of
 `--sweep-variants` (EMA weights) and score them again at each `--guidance` scale, beside how
-their generated tokens differ from the real val tokens (`feature_statistics`).
+their generated tokens differ from the real val tokens (`feature_statistics`). The same runs
+give two rows that locate where generation fails: how much the prompt lowers the loss
+(`condition_use`: velocity error with the true caption, another image's caption, and none) and
+from how much noise the generator still finds its way back (`recovery`: real val tokens
+noised to sigma, integrated back to sigma 0 with the true caption, decoded and scored).
 
 Writes `<out>/<machine>/clip_fidelity.{json,md}` (`-quick` for --quick).
 """
@@ -32,6 +38,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from unizoo.components.objectives.guidance import guided
 
 from .report import environment, machine_slug
 
@@ -51,13 +59,21 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                    [CLIP, "objective.shift=1.0", "representation.normalize=scalar", "decoder.training.noise_std=0.5"]),
     "clip_all": ("all three levers",
                  [CLIP, "objective.shift=auto", "representation.normalize=channel", "decoder.training.noise_std=0.5"]),
+    "clip_x0": ("all three levers + x0 prediction",
+                [CLIP, "objective.shift=auto", "representation.normalize=channel", "decoder.training.noise_std=0.5",
+                 "objective.prediction=x0"]),
+    "clip_x0_deep": ("all three levers + x0 prediction + a generator twice as deep (8 blocks; not the VAE's size)",
+                     [CLIP, "objective.shift=auto", "representation.normalize=channel", "decoder.training.noise_std=0.5",
+                      "objective.prediction=x0", "+generator.depth=8"]),
 }
 # Runs whose decoders the robustness rows probe: (normalisation, decoder noise_std) -> variant.
 ROBUSTNESS_RUNS = {"scalar, clean": "clip_old", "scalar, noise 0.5": "clip_noise",
                    "channel, clean": "clip_channel", "channel, noise 0.5": "clip_all"}
 ROBUSTNESS_SIGMAS = (0.0, 0.2, 0.4, 0.8)
-SWEEP_VARIANTS = ("vae", "clip_all")
+SWEEP_VARIANTS = ("vae", "clip_all", "clip_x0", "clip_x0_deep")
 SWEEP_GUIDANCES = (1.0, 6.0)  # the recipe's own (3) is the run's score, which a rerun reproduces exactly
+CONDITION_SIGMAS = (0.5, 0.9, 1.0)  # noise levels of the condition_use rows (1: pure noise, where only the prompt informs)
+RECOVERY_SIGMAS = (0.6, 0.8, 0.9, 1.0)  # noise levels the recovery rows start from
 # Shrinks every size so --quick checks the harness in about a minute; its numbers mean nothing.
 QUICK_OVERRIDES = [
     "data.train_size=128", "data.val_size=32", "data.batch_size=8", "strategy.steps=3", "warmup_steps=1",
@@ -146,6 +162,50 @@ def feature_statistics(generated: torch.Tensor, real: torch.Tensor) -> dict[str,
 
 
 @torch.no_grad()
+def condition_use(model, targets: torch.Tensor, captions: list[str]) -> dict[str, dict[str, float]]:
+    """Velocity MSE per noise level with each image's own caption, another image's and the null condition.
+
+    A generator that learned the prompt has `true` well below `shuffled` and `null`; at sigma 1
+    (pure noise) `1 - true / null` is the share of the target's variance the prompt explains.
+    """
+    condition = model.backbone.condition(captions)
+    other = condition[torch.roll(torch.arange(len(captions)), 1)]
+    null = model.generator.drop_condition(condition, torch.ones(len(captions), dtype=torch.bool))
+    noise = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1))
+    result = {}
+    for sigma in CONDITION_SIGMAS:
+        t = torch.full((len(captions),), sigma)
+        x_t = sigma * noise + (1 - sigma) * targets
+        errors = {name: float((model.objective.velocity(model.generator(x_t, t, c), x_t, t) - (noise - targets)).pow(2).mean())
+                  for name, c in (("true", condition), ("shuffled", other), ("null", null))}
+        result[str(sigma)] = errors
+    return result
+
+
+@torch.no_grad()
+def recovery(model, evaluator, targets: torch.Tensor, captions: list[str], steps: int | None) -> dict[str, float]:
+    """Evaluator overall of real tokens noised to sigma and integrated back by the generator (the true caption,
+    the recipe's guidance and steps), per starting sigma: where between noise and data generation goes wrong."""
+    objective, generator = model.objective, model.generator
+    condition = model.backbone.condition(captions)
+    noise = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1))
+    scores = {}
+    for start in RECOVERY_SIGMAS:
+        scheduler = objective.scheduler(tuple(generator.token_shape))
+        scheduler.set_timesteps(steps or objective.sample_steps)
+        first = int((scheduler.sigmas[:-1] <= start + 1e-6).nonzero()[0])
+        scheduler.set_begin_index(first)  # diffusers' img2img entry point: the schedule from step `first` on
+        sigma = float(scheduler.sigmas[first])
+        x = sigma * noise + (1 - sigma) * targets
+        for t in scheduler.timesteps[first:]:
+            s = (t / objective.num_train_timesteps).expand(len(captions))
+            output = guided(generator, x, s, condition, objective.guidance)
+            x = scheduler.step(objective.velocity(output, x, s), t, x).prev_sample
+        scores[str(start)] = evaluator(captions, model.representation.decode(x))["overall"]
+    return scores
+
+
+@torch.no_grad()
 def sampler_sweep(path: Path, prompts: int, guidances: tuple[float, ...], real_images: int) -> dict:
     """A trained run's overall score at each guidance scale (its EMA weights, its evaluation seed), and its tokens' statistics."""
     from hydra.utils import instantiate
@@ -157,10 +217,14 @@ def sampler_sweep(path: Path, prompts: int, guidances: tuple[float, ...], real_i
     data = instantiate(recipe.data, _convert_="all")
     data.setup("validate")
     texts = data.prompts("val", prompts)
-    pictures, _ = first_items(data.val_dataloader(), real_images)
+    pictures, real_captions = first_items(data.val_dataloader(), real_images)
     real = model.representation.encode(pictures)
     evaluator = instantiate(recipe.evaluator)
     sweep = {"recipe_guidance": float(model.objective.guidance), "scores": {}, "features": {}}
+    sweep["condition_use"] = condition_use(model, real, real_captions)
+    sweep["recovery"] = recovery(model, evaluator, real, real_captions, recipe.evaluation.steps)
+    print(f"[clip_fidelity] {path.parent.name}: condition use {sweep['condition_use']}, recovery {sweep['recovery']}",
+          file=sys.stderr, flush=True)
     for guidance in guidances:
         images, tokens = model.generate_with_tokens(texts, steps=recipe.evaluation.steps, guidance=guidance,
                                                     seed=recipe.evaluation.seed)
@@ -242,6 +306,28 @@ def markdown(result: dict) -> str:
             lines.append(f"| `{name}` | {', '.join(str(s['seed']) for s in sweeps)} | "
                          f"{_mean_std([runs[s['seed']]['trained']['overall'] for s in sweeps])} "
                          f"({sweeps[0]['recipe_guidance']:g}) | " + " | ".join(cells) + " | " + " | ".join(stats) + " |")
+        lines += [
+            "",
+            f"### Where generation fails: the same runs on {result['robustness_images']} real val images and their captions "
+            "(mean ± std over seeds)",
+            "",
+            "condition use: velocity MSE with each image's own caption / another image's / the null condition; at sigma 1 "
+            "the input is pure noise, so `1 - own / null` is the share of the target's variance the prompt explains. "
+            "recovery: real tokens noised to sigma, integrated back by the generator (own caption, recipe guidance and "
+            "steps), decoded and scored; sigma 1 is generation from noise for these captions.",
+            "",
+            "| variant | " + " | ".join(f"MSE own / other / null, sigma {s:g}" for s in CONDITION_SIGMAS)
+            + " | prompt explains (sigma 1) | " + " | ".join(f"recovery from sigma {s:g}" for s in RECOVERY_SIGMAS) + " |",
+            "|---|" + "---|" * (len(CONDITION_SIGMAS) + 1 + len(RECOVERY_SIGMAS)),
+        ]
+        for name, sweeps in result["sampler"].items():
+            if "condition_use" not in sweeps[0]:
+                continue
+            use = [" / ".join(_mean_std([w["condition_use"][str(s)][k] for w in sweeps]) for k in ("true", "shuffled", "null"))
+                   for s in CONDITION_SIGMAS]
+            explained = _mean_std([1 - w["condition_use"]["1.0"]["true"] / w["condition_use"]["1.0"]["null"] for w in sweeps])
+            back = [_mean_std([w["recovery"][str(s)] for w in sweeps]) for s in RECOVERY_SIGMAS]
+            lines.append(f"| `{name}` | " + " | ".join(use) + f" | {explained} | " + " | ".join(back) + " |")
     return "\n".join(lines) + "\n"
 
 

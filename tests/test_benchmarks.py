@@ -553,8 +553,53 @@ def test_clip_fidelity_table_runs_and_resumes(tmp_path):
         assert set(sweep["scores"]) == {"1.0", "6.0"} and all(0.0 <= v <= 1.0 for v in sweep["scores"].values())
         assert sweep["features"]["1.0"]["std_ratio"] > 0 and "neighbour_ratio" in sweep["features"]["6.0"]
     assert "### Sampler" in (folder / "clip_fidelity-quick.md").read_text()
+    # Where generation fails: the prompt's use per noise level and the recovery from each noise level.
+    for (sweep,) in result["sampler"].values():
+        assert set(sweep["condition_use"]["1.0"]) == {"true", "shuffled", "null"}
+        assert set(sweep["recovery"]) == {"0.6", "0.8", "0.9", "1.0"} and all(0.0 <= v <= 1.0 for v in sweep["recovery"].values())
+    assert "### Where generation fails" in (folder / "clip_fidelity-quick.md").read_text()
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0 and again.stderr.count("reusing") == 2, again.stderr[-2000:]
+
+
+def test_condition_use_and_recovery_of_an_oracle_generator():
+    """A generator that knows each caption's target exactly: zero error with its own caption, and it
+    integrates back to the exact targets from any noise level."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from benchmarks.clip_fidelity import CONDITION_SIGMAS, RECOVERY_SIGMAS, condition_use, recovery  # noqa: PLC0415
+    from unizoo.components.objectives.flow_matching import FlowMatching  # noqa: PLC0415
+
+    targets = torch.randn(6, 4, 2, generator=torch.Generator().manual_seed(0))
+
+    class Oracle(torch.nn.Module):
+        """Outputs x0 of the item its condition names (an x0 prediction); the null condition (-1) gets zeros."""
+
+        token_shape = (4, 2)
+
+        def drop_condition(self, cond, drop):
+            return torch.where(drop.view(-1, 1, 1), torch.full_like(cond, -1.0), cond)
+
+        def forward(self, x, t, cond):
+            item = cond[:, 0, 0].long()
+            return torch.where((item >= 0).view(-1, 1, 1), targets[item.clamp_min(0)], torch.zeros_like(x))
+
+    captions = [str(i) for i in range(6)]
+    model = SimpleNamespace(
+        objective=FlowMatching(prediction="x0", guidance=1.0, sample_steps=10), generator=Oracle(),
+        backbone=SimpleNamespace(condition=lambda texts: torch.tensor([float(t) for t in texts]).view(-1, 1, 1)),
+        representation=SimpleNamespace(decode=lambda tokens: tokens),
+    )
+    use = condition_use(model, targets, captions)
+    for sigma in CONDITION_SIGMAS:
+        assert use[str(sigma)]["true"] < 1e-10 and use[str(sigma)]["shuffled"] > 0.1
+        # Null predicts x0 = 0, so the velocity error is (x0 / sigma)^2 on average.
+        assert use[str(sigma)]["null"] == pytest.approx(float((targets / sigma).pow(2).mean()), rel=1e-4)
+
+    def exact(texts, images):
+        return {"overall": float(torch.allclose(images, targets, atol=1e-4))}
+
+    assert recovery(model, exact, targets, captions, steps=None) == {str(s): 1.0 for s in RECOVERY_SIGMAS}
 
 
 def test_feature_statistics_of_generated_tokens():
