@@ -29,6 +29,9 @@ from .dit_blocks import DiTBlock, FinalLayer, TimestepEmbedder
 
 DIT_SIZES = {
     "tiny": dict(depth=4, hidden_size=128, num_heads=4),
+    # tiny's width, twice its blocks: for wide targets (64-channel CLIP tokens), where the
+    # noisy end of the path needs every token to agree on one layout (README, CLIP section).
+    "tiny_deep": dict(depth=8, hidden_size=128, num_heads=4),
     "S": dict(depth=12, hidden_size=384, num_heads=6),
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),

@@ -66,7 +66,7 @@ def test_presets_build_and_grow():
     assert len(model.blocks) == 4 and model.hidden_size == 128
     counts = {"tiny": sum(p.numel() for p in model.parameters())}
     for size, cfg in DIT_SIZES.items():
-        if size == "tiny":
+        if size not in ORIGINAL_DIT_M:  # unizoo's own presets: built for real below
             continue
         with torch.device("meta"):  # no memory for the big ones
             m = dit(size, token_dim=4, num_tokens=256, condition_dim=cfg["hidden_size"])
@@ -75,6 +75,9 @@ def test_presets_build_and_grow():
         counts[size] = sum(p.numel() for p in m.parameters())
         # Cross-attention adds ~4h² to DiT's ~18h² per block: about 1.22x the original.
         assert 1.1 < counts[size] / 1e6 / ORIGINAL_DIT_M[size] < 1.35, (size, counts[size])
+    deep = dit("tiny_deep", token_dim=4, num_tokens=256, condition_dim=128)
+    assert len(deep.blocks) == 8 and deep.hidden_size == 128
+    counts["tiny_deep"] = sum(p.numel() for p in deep.parameters())
     sizes = list(DIT_SIZES)
     assert all(counts[a] < counts[b] for a, b in zip(sizes, sizes[1:]))
 
