@@ -39,8 +39,6 @@ from pathlib import Path
 
 import torch
 
-from unizoo.components.objectives.guidance import guided
-
 from .report import environment, machine_slug
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -186,21 +184,12 @@ def condition_use(model, targets: torch.Tensor, captions: list[str]) -> dict[str
 def recovery(model, evaluator, targets: torch.Tensor, captions: list[str], steps: int | None) -> dict[str, float]:
     """Evaluator overall of real tokens noised to sigma and integrated back by the generator (the true caption,
     the recipe's guidance and steps), per starting sigma: where between noise and data generation goes wrong."""
-    objective, generator = model.objective, model.generator
     condition = model.backbone.condition(captions)
-    noise = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1))
     scores = {}
     for start in RECOVERY_SIGMAS:
-        scheduler = objective.scheduler(tuple(generator.token_shape))
-        scheduler.set_timesteps(steps or objective.sample_steps)
-        first = int((scheduler.sigmas[:-1] <= start + 1e-6).nonzero()[0])
-        scheduler.set_begin_index(first)  # diffusers' img2img entry point: the schedule from step `first` on
-        sigma = float(scheduler.sigmas[first])
-        x = sigma * noise + (1 - sigma) * targets
-        for t in scheduler.timesteps[first:]:
-            s = (t / objective.num_train_timesteps).expand(len(captions))
-            output = guided(generator, x, s, condition, objective.guidance)
-            x = scheduler.step(objective.velocity(output, x, s), t, x).prev_sample
+        # The same noise (seed 1) for every start: only where the path begins differs.
+        x = model.objective.sample(model.generator, condition, steps=steps, rng=torch.Generator().manual_seed(1),
+                                   start=targets, start_sigma=start)
         scores[str(start)] = evaluator(captions, model.representation.decode(x))["overall"]
     return scores
 
@@ -321,8 +310,6 @@ def markdown(result: dict) -> str:
             "|---|" + "---|" * (len(CONDITION_SIGMAS) + 1 + len(RECOVERY_SIGMAS)),
         ]
         for name, sweeps in result["sampler"].items():
-            if "condition_use" not in sweeps[0]:
-                continue
             use = [" / ".join(_mean_std([w["condition_use"][str(s)][k] for w in sweeps]) for k in ("true", "shuffled", "null"))
                    for s in CONDITION_SIGMAS]
             explained = _mean_std([1 - w["condition_use"]["1.0"]["true"] / w["condition_use"]["1.0"]["null"] for w in sweeps])

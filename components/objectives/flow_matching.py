@@ -145,10 +145,14 @@ class FlowMatching(nn.Module):
         steps: int | None = None,
         guidance: float | None = None,
         rng: torch.Generator | None = None,
+        start: torch.Tensor | None = None,
+        start_sigma: float = 1.0,
     ) -> torch.Tensor:
         """Tokens `(B, N, C)` integrated from noise in `steps` Euler steps, with classifier-free guidance.
 
-        `steps` and `guidance` default to the recipe's `sample_steps` and `guidance`.
+        `steps` and `guidance` default to the recipe's `sample_steps` and `guidance`. With
+        `start` (clean tokens `(B, N, C)`), the path begins part-way (SDEdit): `start` noised to
+        the first scheduled sigma at or below `start_sigma`, integrated from that step on.
         """
         steps = steps or self.sample_steps
         guidance = self.guidance if guidance is None else guidance
@@ -156,7 +160,13 @@ class FlowMatching(nn.Module):
         scheduler = self.scheduler(tuple(generator.token_shape))
         scheduler.set_timesteps(steps, device=device)
         x = torch.randn((batch, *generator.token_shape), generator=rng, device="cpu").to(device, cond.dtype)
-        for t in scheduler.timesteps:
+        first = 0
+        if start is not None:
+            first = int((scheduler.sigmas[:-1] <= start_sigma + 1e-6).nonzero()[0])
+            scheduler.set_begin_index(first)  # diffusers' img2img entry point: the schedule from step `first` on
+            sigma = float(scheduler.sigmas[first])
+            x = sigma * x + (1 - sigma) * start.to(device, x.dtype)
+        for t in scheduler.timesteps[first:]:
             sigma = (t / self.num_train_timesteps).expand(batch).to(device)
             # Guidance mixes outputs linearly and the velocity is linear in the output: guide, then convert.
             x = scheduler.step(self.velocity(guided(generator, x, sigma, cond, guidance), x, sigma), t, x).prev_sample

@@ -147,6 +147,24 @@ def test_x0_prediction_loss_is_the_velocity_mse_of_the_implied_velocity():
     assert perfect.loss(ConstantData(x0), x0, torch.zeros(64, 1, 3)).item() == pytest.approx(0.0, abs=1e-10)
 
 
+@pytest.mark.parametrize("prediction", ["velocity", "x0"])
+def test_a_path_started_part_way_runs_only_the_remaining_steps_to_the_data(prediction):
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 6, 2)
+    generator = ConstantVelocity(x0) if prediction == "velocity" else ConstantData(x0)
+    objective = FlowMatching(prediction=prediction)
+    samples = objective.sample(generator, torch.zeros(3, 1, 1), steps=10, guidance=1.0, start=x0, start_sigma=0.5)
+    assert torch.allclose(samples, x0, atol=1e-4)
+    # diffusers' 10 sigmas run 1.0, 0.889, ..., 0.556, 0.445, ..., 0.001: the path starts at 0.445, the
+    # first at or below 0.5, and takes the last 5 steps.
+    assert len(generator.calls) == 5 and generator.calls[0].max() == pytest.approx(0.445, abs=1e-3)
+    # start_sigma 1 is sampling from noise: the same draw, the same result.
+    from_noise = objective.sample(generator, torch.zeros(3, 1, 1), steps=10, rng=torch.Generator().manual_seed(2))
+    from_start = objective.sample(generator, torch.zeros(3, 1, 1), steps=10, rng=torch.Generator().manual_seed(2),
+                                  start=torch.randn(3, 6, 2), start_sigma=1.0)
+    assert torch.equal(from_noise, from_start)
+
+
 def test_unknown_prediction_is_a_clear_error():
     with pytest.raises(ValueError, match="objective.prediction='noise'; valid choices: velocity, x0"):
         FlowMatching(prediction="noise")
