@@ -65,6 +65,30 @@ def test_a_run_can_start_at_stage_two_from_stage_one(sequential_run, tiny_overri
     assert same(group(weights(sequential_run, "understanding"), "backbone.lm."), group(weights(run, "generation"), "backbone.lm."))
 
 
+def test_stage_two_may_reshape_what_stage_one_never_trained(sequential_run, tiny_overrides, caplog):
+    """One stage-1 run, a different stage-2 generator: what stage 1 trained loads exactly, the rest starts fresh."""
+    stage1 = weights(sequential_run, "understanding")
+    with caplog.at_level("INFO", logger="unizoo"):
+        run = train(compose_recipe("default", [*tiny_overrides, "strategy=sequential", "strategy.generation_steps=2",
+                                               "generator.depth=2", "backbone.num_queries=6", "start_stage=generation",
+                                               f"init_checkpoint={sequential_run / 'checkpoints' / 'understanding.ckpt'}"]))
+    stage2 = weights(run, "generation")
+    assert same(group(stage1, "backbone.lm."), group(stage2, "backbone.lm."))
+    assert same(group(stage1, "backbone.projector."), group(stage2, "backbone.projector."))
+    assert stage2["backbone.queries"].shape[0] == 6 and "generator.blocks.1.attn.qkv.weight" in stage2
+    assert "start from this run's initialisation" in caplog.text and "generator" in caplog.text
+
+
+def test_stage_two_still_refuses_a_checkpoint_whose_stage_one_work_does_not_fit(sequential_run, tiny_overrides):
+    """The backbone is stage 1's work: a recipe with another LM must not start from it silently."""
+    lm = "+backbone.config_overrides={hidden_size:32,intermediate_size:64,num_hidden_layers:2,num_attention_heads:2,num_key_value_heads:1}"
+    overrides = [o for o in tiny_overrides if not o.startswith("+backbone.config_overrides")]
+    with pytest.raises(RuntimeError, match="backbone.lm"):
+        train(compose_recipe("default", [*overrides, lm, "strategy=sequential", "strategy.generation_steps=2",
+                                         "start_stage=generation",
+                                         f"init_checkpoint={sequential_run / 'checkpoints' / 'understanding.ckpt'}"]))
+
+
 def test_joint_trains_the_backbone_with_both_losses(tiny_overrides):
     overrides = [*tiny_overrides, "strategy=joint", "strategy.steps=4"]
     L.seed_everything(0, verbose=False)

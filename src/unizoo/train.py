@@ -32,6 +32,7 @@ from unizoo.run_loggers import logger_factory
 from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, read_metrics, stage_checkpoint, write_metrics
 from unizoo.sample_statistics import sample_statistics
 from unizoo.sharding import model_to_fit, take_trained_weights
+from unizoo.stage_weights import groups_only_later_stages_train, state_for_later_stages
 from unizoo.stage_callbacks import check_stage_settings, stage_callbacks, trainer_plugins
 from unizoo.throughput import stage_throughput
 from unizoo.vocabulary import run_vocabulary, warn_unknown_words
@@ -77,7 +78,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
         model.prepare(datamodule)
         datamodule.setup("validate")
         if recipe.init_checkpoint:
-            _load_weights(model, recipe.init_checkpoint)
+            _load_weights(model, recipe.init_checkpoint, groups_only_later_stages_train(strategy.stages, stages))
         if primary:
             model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
         log.info("trainer: %s", describe_precision(recipe.trainer))
@@ -173,11 +174,13 @@ def _stages_to_run(strategy, start_stage: str | None, init_checkpoint: str | Non
     return list(strategy.stages[names.index(start_stage) :])
 
 
-def _load_weights(model: UnifiedModel, checkpoint: str | Path) -> None:
+def _load_weights(model: UnifiedModel, checkpoint: str | Path, untrained_groups: set[str] = frozenset()) -> None:
+    """`checkpoint`'s weights, strictly except for new or reshaped tensors of `untrained_groups` (unizoo.stage_weights)."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"init_checkpoint={checkpoint!r} is not a file; stage checkpoints are RUN_DIR/checkpoints/<stage>.ckpt")
-    load_weights(model, torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    load_weights(model, state_for_later_stages(model, state, untrained_groups))
     log.info("weights from %s", path)
 
 
