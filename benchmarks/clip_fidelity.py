@@ -10,9 +10,11 @@ Every lever is a recipe value (RAE, Zheng et al., arXiv 2510.11690):
 * `objective.prediction=x0` (JiT, Li & He, arXiv 2511.13720): the generator outputs the clean
   tokens rather than the velocity; loss and sampler stay on the velocity.
 
-Each variant trains the generation-only recipe (`strategy=generation`, default sizes and
-steps, so every variant has the same generator and the same number of optimiser steps) once
-per seed through `unizoo train`, in a process of its own; a run whose metrics.json is
+Each variant trains once per seed through `unizoo train`, in a process of its own. The lever
+rows train the generation-only recipe (`strategy=generation`) at its default steps, so they
+share the generator's size (one row says otherwise) and the number of optimiser steps; the
+`_4k` rows train 4000 steps, and the `blip3o` rows BLIP3-o's sequential recipe, whose
+generator trains on the frozen LM after 1000 understanding steps. A run whose metrics.json is
 complete is reused, so an interrupted table resumes. Scores are the evaluator's on
 `--prompts` val prompts (the same prompts and sampling noise for every variant). The decoder
 robustness rows decode real val features plus Gaussian noise of std sigma (features are unit
@@ -63,6 +65,17 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "clip_x0_deep": ("all three levers + x0 prediction + a generator twice as deep (8 blocks; not the VAE's size)",
                      [CLIP, "objective.shift=auto", "representation.normalize=channel", "decoder.training.noise_std=0.5",
                       "objective.prediction=x0", "+generator.depth=8"]),
+    # Longer training: the same designs at 4000 optimiser steps, 2.7x the budget of the rows above.
+    "vae_4k": ("the default recipe, 4000 steps", ["strategy.steps=4000"]),
+    "clip_x0_deep_4k": ("clip_x0_deep, 4000 steps",
+                        [CLIP, "objective.shift=auto", "representation.normalize=channel", "decoder.training.noise_std=0.5",
+                         "objective.prediction=x0", "+generator.depth=8", "strategy.steps=4000"]),
+    # BLIP3-o's sequential training: 1000 understanding steps, then the generator (clip_x0_deep's
+    # design; recipes/blip3o.yaml) trains on the frozen LM for a stage 2 of the row's length.
+    "blip3o_1500": ("`recipe=blip3o` (sequential): 1000 understanding steps, then clip_x0_deep's generator on the frozen LM, 1500 steps",
+                    ["recipe=blip3o", "strategy.generation_steps=1500"]),
+    "blip3o_4k": ("`recipe=blip3o` as shipped: the same, stage 2 of 4000 steps",
+                  ["recipe=blip3o", "strategy.generation_steps=4000"]),
 }
 # Runs whose decoders the robustness rows probe: (normalisation, decoder noise_std) -> variant.
 ROBUSTNESS_RUNS = {"scalar, clean": "clip_old", "scalar, noise 0.5": "clip_noise",
@@ -74,13 +87,27 @@ CONDITION_SIGMAS = (0.5, 0.9, 1.0)  # noise levels of the condition_use rows (1:
 RECOVERY_SIGMAS = (0.6, 0.8, 0.9, 1.0)  # noise levels the recovery rows start from
 # Shrinks every size so --quick checks the harness in about a minute; its numbers mean nothing.
 QUICK_OVERRIDES = [
-    "data.train_size=128", "data.val_size=32", "data.batch_size=8", "strategy.steps=3", "warmup_steps=1",
+    "data.train_size=128", "data.val_size=32", "data.batch_size=8", "warmup_steps=1",
     "vae.autoencoder.block_out_channels=[16,16,16]", "vae.pretraining.steps=2", "clip.pretraining.steps=2",
     "decoder.training.steps=2", "+decoder.generator.depth=1", "+generator.depth=1", "evaluation.steps=2",
     "+backbone.config_overrides={hidden_size:32,intermediate_size:64,num_hidden_layers:1,num_attention_heads:2,num_key_value_heads:1}",
     "+trainer.enable_model_summary=false",
 ]
 CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
+
+
+def quick_steps(overrides: list[str]) -> list[str]:
+    """3 optimiser steps for every stage of the strategy `overrides` compose (generation: steps; sequential: two)."""
+    from unizoo.composition import compose_recipe, split_recipe_override  # noqa: PLC0415
+
+    recipe = compose_recipe(*split_recipe_override(overrides))
+    return [f"strategy.{key}=3" for key in recipe.strategy if str(key).endswith("steps")]
+
+
+def generation_steps(recipe) -> int:
+    """Optimiser steps that train the generator: a generation-only strategy's, or sequential's stage 2."""
+    strategy = recipe.strategy
+    return int(strategy.generation_steps if "generation_steps" in strategy else strategy.steps)
 
 
 def run_dir(runs: Path, name: str) -> Path | None:
@@ -101,19 +128,25 @@ def train_variant(runs: Path, name: str, overrides: list[str], seed: int, prompt
     print(f"[clip_fidelity] {run_name}: training ({' '.join(overrides) or 'default'})", file=sys.stderr, flush=True)
     command = [sys.executable, "-m", "unizoo.cli", "train", *overrides, f"seed={seed}", f"name={run_name}",
                f"run_root={runs}", f"evaluation.prompts={prompts}", "+trainer.enable_progress_bar=false",
-               *(QUICK_OVERRIDES if quick else [])]
+               *([*QUICK_OVERRIDES, *quick_steps(overrides)] if quick else [])]
     subprocess.run(command, check=True)
     return run_dir(runs, run_name)
 
 
 def run_scores(path: Path) -> dict:
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
     metrics = json.loads((path / "metrics.json").read_text())
-    return {
+    scores = {
         "untrained": metrics["untrained"]["generation"],
         "trained": metrics["generation"]["generation"],
-        "seconds": metrics["seconds"]["generation"],
+        "seconds": sum(metrics["seconds"].values()),  # every stage: a sequential run's understanding too
+        "steps": generation_steps(OmegaConf.load(path / "recipe.yaml")),
         "representation": metrics["representation"],
     }
+    if "understanding" in metrics.get("understanding", {}):  # a sequential run: its LM's captions, after each stage
+        scores["understanding"] = {stage: metrics[stage]["understanding"]["overall"] for stage in ("understanding", "generation")}
+    return scores
 
 
 @torch.no_grad()
@@ -240,21 +273,27 @@ def markdown(result: dict) -> str:
         f"| commit {result['environment']['git_commit']} -->",
         "",
         f"### CLIP-feature generation: each lever alone and together, against the VAE default "
-        f"(generation only, default sizes, {result['steps']} steps, seeds {', '.join(map(str, seeds))}, "
-        f"{result['prompts']} val prompts; mean ± std over the seeds a row lists)",
+        f"(generation only unless the row says sequential, default sizes unless it says, seeds {', '.join(map(str, seeds))}, "
+        f"{result['prompts']} val prompts; mean ± std over the seeds a row lists; generator steps: the optimiser steps "
+        "that train the generator; understanding: a sequential run's caption score after stage 1 / after stage 2; "
+        "train s: every stage)",
         "",
-        "| variant | what it changes | seeds | untrained | trained overall | gain | strict_overall | " + " | ".join(CATEGORIES)
-        + " | random features | round trip | train s |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|",
+        "| variant | what it changes | seeds | generator steps | untrained | trained overall | gain | strict_overall | "
+        + " | ".join(CATEGORIES) + " | understanding | random features | round trip | train s |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|---|",
     ]
     for name, runs in result["variants"].items():
         trained = [r["trained"]["overall"] for r in runs]
         untrained = [r["untrained"]["overall"] for r in runs]
         cells = [_mean_std([r["trained"].get(c, float("nan")) for r in runs]) for c in CATEGORIES]
+        understood = [r["understanding"] for r in runs if "understanding" in r]
+        understanding = " / ".join(_mean_std([u[stage] for u in understood]) for stage in ("understanding", "generation")) if understood else "–"
+        steps = sorted({r["steps"] for r in runs})
         lines.append(
-            f"| `{name}` | {VARIANTS[name][0]} | {', '.join(str(r['seed']) for r in runs)} | {_mean_std(untrained)} | "
-            f"**{_mean_std(trained)}** | {_mean_std([t - u for t, u in zip(trained, untrained)])} | "
+            f"| `{name}` | {VARIANTS[name][0]} | {', '.join(str(r['seed']) for r in runs)} | {', '.join(map(str, steps))} | "
+            f"{_mean_std(untrained)} | **{_mean_std(trained)}** | {_mean_std([t - u for t, u in zip(trained, untrained)])} | "
             f"{_mean_std([r['trained'].get('strict_overall', float('nan')) for r in runs])} | " + " | ".join(cells)
+            + f" | {understanding}"
             + f" | {_mean_std([r['representation'].get('random_features', float('nan')) for r in runs])}"
             f" | {_mean_std([r['representation']['ratio'] for r in runs])}"
             f" | {statistics.mean(r['seconds'] for r in runs):.0f} |"
@@ -352,11 +391,6 @@ def main(argv: list[str] | None = None) -> int:
             dict(run_scores(train_variant(runs, name, VARIANTS[name][1], seed, args.prompts, args.quick)), seed=seed)
             for seed in args.seeds
         ]
-    from omegaconf import OmegaConf
-
-    name, runs_of_first = next(iter(result["variants"].items()))
-    first = OmegaConf.load(run_dir(runs, f"{name}_s{runs_of_first[0]['seed']}") / "recipe.yaml")
-    result["steps"] = int(first.strategy.steps)
     for label, name in ROBUSTNESS_RUNS.items():
         if name in result["variants"] and args.robustness_images > 0:
             probe = run_dir(runs, f"{name}_s{result['variants'][name][0]['seed']}")

@@ -536,13 +536,17 @@ def test_quick_run_on_cuda(tmp_path):
 def test_clip_fidelity_table_runs_and_resumes(tmp_path):
     """The lever table end to end at tiny size: trains each variant in its own process, then reuses the runs."""
     command = [sys.executable, "-m", "benchmarks.clip_fidelity", "--quick", "--seeds", "0", "--variants", "vae", "clip_all",
-               "--prompts", "4", "--robustness-images", "4", "--guidance", "1", "6", "--runs", str(tmp_path / "runs"),
+               "blip3o_1500", "--prompts", "4", "--robustness-images", "4", "--guidance", "1", "6", "--runs", str(tmp_path / "runs"),
                "--out", str(tmp_path / "out")]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert first.returncode == 0, first.stderr[-3000:]
     (folder,) = (tmp_path / "out").iterdir()
     result = json.loads((folder / "clip_fidelity-quick.json").read_text())
-    assert set(result["variants"]) == {"vae", "clip_all"}
+    assert set(result["variants"]) == {"vae", "clip_all", "blip3o_1500"}
+    # A sequential row: --quick gave each of its stages 3 steps; its LM is frozen in stage 2.
+    (blip3o,) = result["variants"]["blip3o_1500"]
+    assert blip3o["steps"] == 3 and blip3o["understanding"]["understanding"] == blip3o["understanding"]["generation"]
+    assert "understanding" not in result["variants"]["vae"][0]
     for runs in result["variants"].values():
         assert 0.0 <= runs[0]["trained"]["overall"] <= 1.0 and 0.0 <= runs[0]["representation"]["random_features"] <= 1.0
     assert set(result["robustness"]) == {"channel, noise 0.5"}
@@ -559,7 +563,7 @@ def test_clip_fidelity_table_runs_and_resumes(tmp_path):
         assert set(sweep["recovery"]) == {"0.6", "0.8", "0.9", "1.0"} and all(0.0 <= v <= 1.0 for v in sweep["recovery"].values())
     assert "### Where generation fails" in (folder / "clip_fidelity-quick.md").read_text()
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
-    assert again.returncode == 0 and again.stderr.count("reusing") == 2, again.stderr[-2000:]
+    assert again.returncode == 0 and again.stderr.count("reusing") == 3, again.stderr[-2000:]
 
 
 def test_condition_use_and_recovery_of_an_oracle_generator():
