@@ -81,7 +81,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 ROBUSTNESS_RUNS = {"scalar, clean": "clip_old", "scalar, noise 0.5": "clip_noise",
                    "channel, clean": "clip_channel", "channel, noise 0.5": "clip_all"}
 ROBUSTNESS_SIGMAS = (0.0, 0.2, 0.4, 0.8)
-SWEEP_VARIANTS = ("vae", "clip_all", "clip_x0", "clip_x0_deep")
+SWEEP_VARIANTS = ("vae", "clip_all", "clip_x0", "clip_x0_deep", "blip3o_4k")
 SWEEP_GUIDANCES = (1.0, 6.0)  # the recipe's own (3) is the run's score, which a rerun reproduces exactly
 CONDITION_SIGMAS = (0.5, 0.9, 1.0)  # noise levels of the condition_use rows (1: pure noise, where only the prompt informs)
 RECOVERY_SIGMAS = (0.6, 0.8, 0.9, 1.0)  # noise levels the recovery rows start from
