@@ -32,8 +32,8 @@ from unizoo.run_loggers import logger_factory
 from unizoo.runs import RECIPE_FILE, TOKENIZER_DIR, read_metrics, stage_checkpoint, write_metrics
 from unizoo.sample_statistics import sample_statistics
 from unizoo.sharding import model_to_fit, take_trained_weights
-from unizoo.stage_weights import groups_only_later_stages_train, state_for_later_stages
 from unizoo.stage_callbacks import check_stage_settings, stage_callbacks, trainer_plugins
+from unizoo.stage_weights import groups_only_later_stages_train, state_for_later_stages
 from unizoo.throughput import stage_throughput
 from unizoo.vocabulary import run_vocabulary, warn_unknown_words
 
