@@ -28,11 +28,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from unizoo.build import build_model
-from unizoo.cache_targets import encoded_batches
-from unizoo.composition import compose_recipe
+from unizoo.config.composition import compose_recipe
 from unizoo.data.target_shards import targets_signature, write_shards
 from unizoo.data.with_targets import attach_cached_targets
+from unizoo.training.build import build_model
+from unizoo.training.cache_targets import encoded_batches
 
 from .measure import synchronize
 from .report import MARKDOWN, _fmt, _table, peaks_markdown

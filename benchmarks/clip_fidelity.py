@@ -98,7 +98,7 @@ CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", 
 
 def quick_steps(overrides: list[str]) -> list[str]:
     """3 optimiser steps for every stage of the strategy `overrides` compose (generation: steps; sequential: two)."""
-    from unizoo.composition import compose_recipe, split_recipe_override  # noqa: PLC0415
+    from unizoo.config.composition import compose_recipe, split_recipe_override  # noqa: PLC0415
 
     recipe = compose_recipe(*split_recipe_override(overrides))
     return [f"strategy.{key}=3" for key in recipe.strategy if str(key).endswith("steps")]
@@ -154,8 +154,8 @@ def decoder_robustness(path: Path, images: int) -> dict[str, float]:
     """Evaluator overall of decode(features + sigma * noise) on real val images, per sigma."""
     from hydra.utils import instantiate
 
-    from unizoo.evaluation import first_items
-    from unizoo.runs import load_run
+    from unizoo.eval.evaluation import first_items
+    from unizoo.training.runs import load_run
 
     recipe, model = load_run(path)
     data = instantiate(recipe.data, _convert_="all")
@@ -232,8 +232,8 @@ def sampler_sweep(path: Path, prompts: int, guidances: tuple[float, ...], real_i
     """A trained run's overall score at each guidance scale (its EMA weights, its evaluation seed), and its tokens' statistics."""
     from hydra.utils import instantiate
 
-    from unizoo.evaluation import first_items
-    from unizoo.runs import load_run
+    from unizoo.eval.evaluation import first_items
+    from unizoo.training.runs import load_run
 
     recipe, model = load_run(path)
     data = instantiate(recipe.data, _convert_="all")

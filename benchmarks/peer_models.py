@@ -30,7 +30,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from unizoo.components.generators.dit import dit
-from unizoo.composition import recipes_dir
+from unizoo.config.composition import recipes_dir
 
 
 def recipe_adaln() -> str:

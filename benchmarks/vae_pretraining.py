@@ -25,9 +25,9 @@ import torch
 from diffusers import AutoencoderKL
 from hydra.utils import instantiate
 
-from unizoo.composition import compose_recipe
+from unizoo.config.composition import compose_recipe
+from unizoo.eval.evaluation import first_items
 from unizoo.eval.geneval import evaluate
-from unizoo.evaluation import first_items
 from unizoo.pretraining.autoencoder import train_autoencoder
 
 from .report import MARKDOWN, environment, write_results

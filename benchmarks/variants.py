@@ -1,6 +1,6 @@
 """Training throughput of every design-space variant: each cell of the study grid, each stage, each size.
 
-The grid is data (``recipes/studies/design_space.yaml``, see ``unizoo.study``): axes of recipe-group choices, such as
+The grid is data (``recipes/studies/design_space.yaml``, see ``unizoo.studies.study``): axes of recipe-group choices, such as
 representation vae|clip, objective mse|flow_matching and strategy joint|sequential. For
 each cell and each generator size, the harness composes ``default`` with the cell's
 overrides and the throughput setting (64 px images: 256 VAE latent tokens against 64
@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass
 import torch
 from hydra.utils import instantiate
 
-from unizoo.build import build_model
-from unizoo.composition import compose_recipe
+from unizoo.config.composition import compose_recipe
 from unizoo.model import split_batch
-from unizoo.study import DESIGN_SPACE, Cell, Study, load_study
+from unizoo.studies.study import DESIGN_SPACE, Cell, Study, load_study
+from unizoo.training.build import build_model
 
 from .measure import PeakMemory, count_flops, mfu, time_call
 from .report import MARKDOWN, _fmt, _table, peaks_markdown

@@ -30,13 +30,13 @@ from benchmarks.peer_models import PeerConfig  # noqa: E402
 from benchmarks.peer_pixart import DEFAULT_CONDITION_DIM  # noqa: E402
 from benchmarks.peer_suite import ScalingConfig  # noqa: E402
 from benchmarks.peer_why import COMPILED_GRAPH, kernel_profiling, op_name, self_time_by_op, top_difference  # noqa: E402
-from benchmarks.row_guard import RowLimits, RowTooSlow, StepClock, estimated_step_bytes, precheck  # noqa: E402
 from benchmarks.report import machine_slug  # noqa: E402
+from benchmarks.row_guard import RowLimits, RowTooSlow, StepClock, estimated_step_bytes, precheck  # noqa: E402
 from benchmarks.variants import VariantsConfig, run_variants, variants_markdown  # noqa: E402
-from unizoo.study import DESIGN_SPACE, load_study  # noqa: E402
-from unizoo.composition import compose_recipe  # noqa: E402
 from unizoo.components.backbones.causal_lm import LM_SIZES  # noqa: E402
 from unizoo.components.generators.attention import attention  # noqa: E402
+from unizoo.config.composition import compose_recipe  # noqa: E402
+from unizoo.studies.study import DESIGN_SPACE, load_study  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
 
@@ -678,7 +678,7 @@ def test_peer_comparisons_build_unizoo_with_the_peer_s_modulation(quick_run):
     assert {section["config"]["adaln"] for section in conditioned} == {"single"}
     assert "both modulate with adaLN-single" in quick_run["pixart_md"]
     from benchmarks.peer_models import build_unizoo, recipe_adaln, recipe_default_note  # noqa: PLC0415
-    from unizoo.composition import compose_recipe  # noqa: PLC0415
+    from unizoo.config.composition import compose_recipe  # noqa: PLC0415
 
     # Where the table's unizoo is not the recipe's DiT, the table says which the recipe builds.
     assert recipe_adaln() == compose_recipe().generator.adaln

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from unizoo.weights import local_weights
+from unizoo.config.weights import local_weights
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,19 @@ from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, CLIPModel, CLIPVisionModel
 
 from unizoo.components.representations.pixel_decoder import PixelDecoder
+from unizoo.config.recipe_types import ArgumentsOf
+from unizoo.config.weights import local_weights
 from unizoo.data.signature import data_signature
 from unizoo.pretraining.cache import cached_directory
-from unizoo.recipe_types import ArgumentsOf
-from unizoo.weights import local_weights
 from unizoo.pretraining.clip import (
-    CLIP_MEAN, CLIP_STD, TinyCLIPOverrides, clip_tokenizer, preprocess, save_clip, tiny_clip_config, train_clip,
+    CLIP_MEAN,
+    CLIP_STD,
+    TinyCLIPOverrides,
+    clip_tokenizer,
+    preprocess,
+    save_clip,
+    tiny_clip_config,
+    train_clip,
 )
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,9 @@ from torch import nn
 from unizoo.components.generators.dit import dit
 from unizoo.components.objectives.flow_matching import FlowMatching
 from unizoo.components.representations.vae import VAERepresentation
+from unizoo.config.recipe_types import ArgumentsOf
 from unizoo.pretraining.cache import cached_directory
 from unizoo.pretraining.pixel_decoder import train_pixel_decoder
-from unizoo.recipe_types import ArgumentsOf
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from unizoo.config.recipe_types import ArgumentsOf
+from unizoo.config.weights import local_weights
 from unizoo.data.signature import data_signature
 from unizoo.pretraining.autoencoder import fit_latent_normalisation, train_autoencoder
 from unizoo.pretraining.cache import cached_directory
-from unizoo.recipe_types import ArgumentsOf
-from unizoo.weights import local_weights
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from hydra.errors import InstantiationException
 
-from unizoo.composition import RecipeError, compose_recipe, split_recipe_override
+from unizoo.config.composition import compose_recipe, split_recipe_override
 from unizoo.data.errors import DataError
+from unizoo.errors import RecipeError, UsageError
 from unizoo.studies.command import add_arguments as add_study_arguments
 from unizoo.studies.command import command_study
 
@@ -34,10 +35,6 @@ log = logging.getLogger("unizoo")
 
 USAGE_ERROR = 2
 TRAINING_FAILED = 1
-
-
-class UsageError(Exception):
-    """A mistake of the user's: reported in one paragraph, exit status 2."""
 
 
 def _setup_logging() -> None:
@@ -72,9 +69,9 @@ def command_recipe(args: argparse.Namespace) -> int:
 def command_train(args: argparse.Namespace) -> int:
     from torch.multiprocessing import ProcessRaisedException
 
-    from unizoo.nonfinite import NonFiniteLoss, raised_in_a_worker
-    from unizoo.resume import resume_recipe, split_resume
-    from unizoo.train import train
+    from unizoo.training.nonfinite import NonFiniteLoss, raised_in_a_worker
+    from unizoo.training.resume import resume_recipe, split_resume
+    from unizoo.training.train import train
 
     resume, overrides = split_resume(args.overrides)
     recipe = resume_recipe(resume, overrides) if resume else _compose(overrides)
@@ -91,7 +88,7 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def command_cache_targets(args: argparse.Namespace) -> int:
-    from unizoo.cache_targets import cache_targets
+    from unizoo.training.cache_targets import cache_targets
 
     print(cache_targets(_compose(args.overrides), args.items_per_shard, args.batch_size, args.device))
     return 0
@@ -99,8 +96,8 @@ def command_cache_targets(args: argparse.Namespace) -> int:
 
 def command_sample(args: argparse.Namespace) -> int:
     from unizoo.images import save_grid, save_images
-    from unizoo.runs import load_run
-    from unizoo.vocabulary import run_vocabulary, warn_unknown_words
+    from unizoo.text.unknown_words import warn_unknown_words
+    from unizoo.training.runs import load_run, run_vocabulary
 
     if args.n < 1 or (args.steps is not None and args.steps < 1):
         raise UsageError(f"--n and --steps must be at least 1 (got --n {args.n}, --steps {args.steps})")
@@ -120,7 +117,7 @@ def command_sample(args: argparse.Namespace) -> int:
 
 def command_caption(args: argparse.Namespace) -> int:
     from unizoo.images import load_images
-    from unizoo.runs import load_run
+    from unizoo.training.runs import load_run
 
     recipe, model = load_run(args.run_dir, args.checkpoint)
     if not model.backbone.understands_images:

@@ -9,18 +9,25 @@ which representation, objective or strategy is in use.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 from unizoo.components.strategies.stages import Stage
-from unizoo.schedules import warmup_cosine
-from unizoo.sharding import shard
+from unizoo.runtime.schedules import warmup_cosine
+
+log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
+# The submodule that holds the generator's running average where the recipe keeps one
+# (unizoo.training.ema attaches it): part of every checkpoint, and a sharding unit of its own.
+EMA_ATTRIBUTE = "generator_ema"
 
 
 def split_batch(batch: Batch, mixture: dict[str, float], losses: list[str]) -> dict[str, Batch]:
@@ -38,6 +45,34 @@ def split_batch(batch: Batch, mixture: dict[str, float], losses: list[str]) -> d
         parts[name] = {key: value[start:stop] for key, value in batch.items()}
         start = stop
     return parts
+
+
+SHARDED_STACKS = ("generator", "backbone")  # the components whose layer stacks are sharded block by block
+STEP_METHODS = ("training_step", "validation_step")
+
+
+def shard(model: L.LightningModule, mesh) -> None:
+    """Apply `fully_shard` over `mesh` (a no-op without one: other strategies train the module as it is)."""
+    if mesh is None or isinstance(model, FSDPModule):
+        return
+    if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
+        # ModelParallelStrategy's mesh is (data_parallel, tensor_parallel); given both, fully_shard
+        # would replicate over the first and shard over the second (HSDP).
+        mesh = mesh["data_parallel"]
+    for component in SHARDED_STACKS:
+        for stack in getattr(model, component).modules():
+            if isinstance(stack, nn.ModuleList):
+                for block in stack:
+                    fully_shard(block, mesh=mesh)
+    average = getattr(model, EMA_ATTRIBUTE, None)
+    if average is not None:
+        fully_shard(average, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for method in STEP_METHODS:
+        register_fsdp_forward_method(model, method)
+    held = sum(p.to_local().numel() for p in model.parameters() if isinstance(p, DTensor))
+    total = sum(p.numel() for p in model.parameters())
+    log.info("fully sharded over %d processes: this one holds %d of %d parameters", mesh.size(), held, total)
 
 
 class UnifiedModel(L.LightningModule):

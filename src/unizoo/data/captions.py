@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unizoo.data.shapes import COLOURS, COUNTS, RELATIONS, SHAPES, Scene
+from unizoo.data.scene import COLOURS, COUNTS, RELATIONS, SHAPES, Scene
 
 _NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9}
 _WORD_OF = {v: k for k, v in _NUMBER_WORDS.items()}

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from unizoo.data import captions
 from unizoo.data.sampler import ResumableSampler, batches_trained
-from unizoo.data.shapes import Scene, draw_scene, sample_scene
+from unizoo.data.scene import Scene
+from unizoo.data.shapes import draw_scene, sample_scene
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 

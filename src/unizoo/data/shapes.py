@@ -1,4 +1,4 @@
-"""The "shapes" scene model: sampling GenEval-like scenes and drawing them.
+"""The "shapes" data: sampling GenEval-like scenes (`unizoo.data.scene`) and drawing them.
 
 A scene is 1-3 flat-coloured shapes on a black background. Geometry is sampled
 on the integer pixel grid of the requested image size (so drawing is exact, with
@@ -7,29 +7,14 @@ no anti-aliasing) and stored image-relative, so a scene can be drawn at any size
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+from unizoo.data.captions import caption_for
+from unizoo.data.scene import COLOURS, COUNTS, KIND_PROBS, KINDS, RELATIONS, SHAPES, Scene, ShapeObject
 
-# Six hues 60 degrees apart with identical max/min channel values: nearest-hue
-# classification then has the same margin (30 degrees) for every pair, and a
-# dimmed or blurred pixel keeps its hue, which makes the evaluator robust.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 30, 30),
-    "yellow": (230, 230, 30),
-    "green": (30, 230, 30),
-    "cyan": (30, 230, 230),
-    "blue": (30, 30, 230),
-    "magenta": (230, 30, 230),
-}
-
-RELATIONS: tuple[str, ...] = ("above", "below", "left of", "right of")
-KINDS: tuple[str, ...] = ("single", "pair", "count", "relation")
-KIND_PROBS: tuple[float, ...] = (0.3, 0.25, 0.2, 0.25)
-COUNTS: tuple[int, ...] = (2, 3)
 _KIND_CDF = np.cumsum(KIND_PROBS)[:-1]  # inverse-CDF sampling: much cheaper than rng.choice(p=...)
 
 # Geometry at the 32 px reference size; everything scales linearly with size.
@@ -40,31 +25,6 @@ _GAP = 3
 _BORDER = 1
 # Relation scenes: the named axis must dominate the other one by this factor.
 _DOMINANCE = 2.0
-
-
-@dataclass(frozen=True)
-class ShapeObject:
-    """One object. ``cx, cy``: bbox centre in [0, 1] (x right, y down); ``size``: bbox side / image side.
-
-    For circles and squares the bbox centre is the centroid; a triangle's centroid
-    lies ``size / 6`` below it.
-    """
-
-    shape: str
-    colour: str
-    cx: float
-    cy: float
-    size: float
-
-
-@dataclass(frozen=True)
-class Scene:
-    """``kind`` in KINDS; ``relation`` is set only for kind ``relation`` ("objects[0] <relation> objects[1]")."""
-
-    kind: str
-    objects: tuple[ShapeObject, ...]
-    caption: str
-    relation: str | None = None
 
 
 def _scaled(px: int, image_size: int) -> int:
@@ -144,9 +104,6 @@ def _place_relation(
 
 def sample_scene(rng: np.random.Generator, image_size: int = 32) -> Scene:
     """Sample one scene (kind drawn from KIND_PROBS) laid out on the ``image_size`` pixel grid."""
-    # Deferred: captions.py imports this module's constants.
-    from unizoo.data.captions import caption_for
-
     kind = KINDS[int(np.searchsorted(_KIND_CDF, rng.random(), side="right"))]
     lo, hi = _scaled(_MIN_SIZE, image_size), _scaled(_MAX_SIZE, image_size)
     relation = None

@@ -28,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from unizoo.composition import RecipeError
 from unizoo.data.signature import _SERVING_ONLY
+from unizoo.errors import RecipeError
 from unizoo.pretraining.cache import content_hash
 
 MANIFEST = "manifest.json"

@@ -20,8 +20,8 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from unizoo.composition import RecipeError
 from unizoo.data.target_shards import TargetShards, check_signature, targets_signature
+from unizoo.errors import RecipeError
 
 
 class TargetsDataset(Dataset):

@@ -9,7 +9,7 @@ or a user's (`evaluation.agreement.pretrained`, read with `CLIPModel.from_pretra
 
 A number alone says little (the tiny CLIP's scale is its own), so a run also scores real
 validation images against their own captions (the ceiling a perfect generator reaches)
-and against other images' captions (chance): see `unizoo.generation_evaluator`.
+and against other images' captions (chance): see `unizoo.eval.generation_evaluator`.
 """
 
 from __future__ import annotations

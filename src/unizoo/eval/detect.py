@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from unizoo.data.shapes import COLOURS, SHAPES
+from unizoo.data.scene import COLOURS, SHAPES
 
 _COLOUR_NAMES = tuple(COLOURS)
 # Palette in "chroma" coordinates: (rgb - min) / (max - min). This drops brightness and

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from unizoo.data.captions import ObjectSpec, PromptSpec, parse_caption
-from unizoo.data.shapes import KINDS
+from unizoo.data.scene import KINDS
 from unizoo.eval.detect import DetectedObject, detect_objects
 
 CATEGORIES: tuple[str, ...] = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from unizoo.pretraining.batches import endless_images
-from unizoo.schedules import warmup_cosine
+from unizoo.runtime.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from unizoo.config.recipe_types import ArgumentsOf
 from unizoo.pretraining.batches import endless
-from unizoo.recipe_types import ArgumentsOf
-from unizoo.schedules import warmup_cosine
+from unizoo.runtime.schedules import warmup_cosine
 from unizoo.text import word_level_tokenizer
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from unizoo.pretraining.batches import endless
-from unizoo.schedules import warmup_cosine
+from unizoo.runtime.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 

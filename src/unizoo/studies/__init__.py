@@ -1,5 +1,6 @@
-"""`unizoo study`: run a grid of recipes (`unizoo.study`), one job per variant, and compare them.
+"""`unizoo study`: run a grid of recipes (`unizoo.studies.study`), one job per variant, and compare them.
 
+    study.py     a study file (recipes/studies/*.yaml): axes x choices x seeds, expanded into variants
     command.py   the `unizoo study` command line
     launcher.py  submitit executors (local or SLURM) from the launcher settings
     status.py    the status file each variant keeps: what a re-run skips or repeats
@@ -10,4 +11,6 @@
     plots.py     curves and bars (PNG)
     grids.py     the variants' samples of the same prompts side by side
     report.py    writes all of the above into the study folder
+
+It imports the training loop (each variant is one `train()`), never the CLI.
 """

@@ -54,10 +54,10 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def command_study(args: argparse.Namespace) -> int:
-    from unizoo.cli import UsageError  # noqa: PLC0415
-    from unizoo.study import StudyError, load_study  # noqa: PLC0415
+    from unizoo.errors import UsageError  # noqa: PLC0415
     from unizoo.studies.launcher import LauncherError, LauncherSettings  # noqa: PLC0415
     from unizoo.studies.runner import StudyBusy, run_study  # noqa: PLC0415
+    from unizoo.studies.study import StudyError, load_study  # noqa: PLC0415
 
     try:
         study = load_study(args.study)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unizoo.study import Study, Variant
 from unizoo.studies.grids import side_by_side
 from unizoo.studies.plots import plot_bars, plot_curves
 from unizoo.studies.results import collect, curves, write_csv
 from unizoo.studies.status import read_status
+from unizoo.studies.study import Study, Variant
 from unizoo.studies.table import results_markdown
 from unizoo.studies.variant import SAMPLES_FILE, variant_folder
 

@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from unizoo.study import Study, Variant
 from unizoo.studies.status import read_status
+from unizoo.studies.study import Study, Variant
 from unizoo.studies.variant import RUN_DIR, variant_folder
 
 UNTRAINED = "untrained_"

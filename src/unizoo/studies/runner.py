@@ -22,13 +22,20 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from unizoo.composition import compose_recipe
-from unizoo.study import Study, Variant
+from unizoo.config.composition import compose_recipe
 from unizoo.studies.launcher import LauncherSettings
 from unizoo.studies.report import COMMAND_FILE, write_report
 from unizoo.studies.status import DONE, FAILED, RUNNING, SUBMITTED, process_alive, read_status, write_status
+from unizoo.studies.study import Study, Variant
 from unizoo.studies.variant import (
-    ERROR_FILE, RUN_DIR, SAMPLES_FILE, SAMPLES_GRID, VariantJob, error_line, run_variant, variant_folder,
+    ERROR_FILE,
+    RUN_DIR,
+    SAMPLES_FILE,
+    SAMPLES_GRID,
+    VariantJob,
+    error_line,
+    run_variant,
+    variant_folder,
 )
 
 log = logging.getLogger("unizoo")

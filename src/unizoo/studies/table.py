@@ -10,8 +10,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from unizoo.study import Study
 from unizoo.studies.results import UNTRAINED
+from unizoo.studies.study import Study
 
 LOWER_IS_BETTER = ("fid", "train_minutes")
 NEVER_BEST = ("total_params", "trainable_params")

@@ -51,7 +51,7 @@ class VariantJob:
 
 
 def variant_folder(out: Path, variant) -> Path:
-    """``<study folder>/variants/<cell>-seed<N>/`` of a `unizoo.study.Variant`."""
+    """``<study folder>/variants/<cell>-seed<N>/`` of a `unizoo.studies.study.Variant`."""
     return Path(out) / VARIANTS_DIR / variant.name
 
 
@@ -74,8 +74,8 @@ def run_variant(job: VariantJob) -> str:
     if job.study_pid:
         _end_with(job.study_pid, folder)
     try:
-        from unizoo.composition import compose_recipe  # noqa: PLC0415 - heavy imports inside the job
-        from unizoo.train import train  # noqa: PLC0415
+        from unizoo.config.composition import compose_recipe  # noqa: PLC0415 - heavy imports inside the job
+        from unizoo.training.train import train  # noqa: PLC0415
 
         log.info("variant %s: %s %s", job.name, job.recipe, " ".join(job.overrides))
         run_dir = train(compose_recipe(job.recipe, job.overrides), run_dir=folder / RUN_DIR)
@@ -97,7 +97,7 @@ def _draw_grid(run_dir: Path, folder: Path, n: int) -> None:
     from hydra.utils import instantiate  # noqa: PLC0415
 
     from unizoo.images import save_grid  # noqa: PLC0415
-    from unizoo.runs import load_run  # noqa: PLC0415
+    from unizoo.training.runs import load_run  # noqa: PLC0415
 
     recipe, model = load_run(run_dir)
     prompts = instantiate(recipe.data).prompts("val", n)

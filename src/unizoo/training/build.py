@@ -1,0 +1,31 @@
+"""Instantiate a composed recipe's components and wire them into a `UnifiedModel`."""
+
+from __future__ import annotations
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from unizoo.model import UnifiedModel
+from unizoo.training.ema import attach_ema
+
+
+def build_model(recipe: DictConfig) -> UnifiedModel:
+    """The model of `recipe`, with random (or `pretrained`) weights; `prepare` makes them real."""
+    representation = instantiate(recipe.representation, _convert_="all")
+    backbone = instantiate(recipe.backbone, _convert_="all")
+    num_tokens, token_dim = representation.token_shape
+    # The generator's shapes follow from the other components, never from the recipe
+    # author: a swapped representation or backbone needs no edit here.
+    generator = instantiate(
+        recipe.generator, token_dim=token_dim, num_tokens=num_tokens, condition_dim=backbone.hidden_size, _convert_="all"
+    )
+    model = UnifiedModel(
+        representation=representation,
+        backbone=backbone,
+        generator=generator,
+        objective=instantiate(recipe.objective, _convert_="all"),
+        optimizer=instantiate(recipe.optimizer, _convert_="all"),
+        warmup_steps=recipe.warmup_steps,
+    )
+    attach_ema(model, OmegaConf.select(recipe, "ema.decay"))  # recipes from before EMA have none
+    return model

@@ -1,0 +1,65 @@
+"""The callbacks every training stage runs with, from the recipe: what makes a run survive.
+
+* periodic, atomic checkpoints (`checkpoint.every_n_steps`), which `resume=` restarts from,
+  with the loss logs written up to them;
+* per-step seeding of the RNGs, so a resumed step draws what the uninterrupted one drew;
+* a stop on non-finite losses, before they reach the weights;
+* the generator's EMA (`ema.decay`), in stages that train the generator;
+* fault injection (`debug.*`), for tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from unizoo.components.strategies.stages import Stage
+from unizoo.errors import RecipeError
+from unizoo.training.checkpoints import AtomicCheckpointIO, periodic_checkpoint, readable
+from unizoo.training.ema import GeneratorEMA
+from unizoo.training.faults import check_debug, fault_injection
+from unizoo.training.loss_log import FlushLogsOnSave
+from unizoo.training.nonfinite import StopOnNonFiniteLoss
+from unizoo.training.runs import stage_checkpoint
+from unizoo.training.step_seeds import StepSeeding
+
+DEFAULT_EVERY_N_STEPS = 500  # for run directories written before `checkpoint:` was a recipe block
+
+
+def stage_callbacks(recipe: DictConfig, stage: Stage, stages: list[Stage], run_dir: Path) -> list[L.Callback]:
+    checkpoints = Path(run_dir) / "checkpoints" / stage.name
+    every = OmegaConf.select(recipe, "checkpoint.every_n_steps", default=DEFAULT_EVERY_N_STEPS)
+    callbacks = [
+        periodic_checkpoint(checkpoints, max(1, min(every, stage.steps))),
+        FlushLogsOnSave(),
+        StepSeeding(recipe.seed, stage.name),
+        StopOnNonFiniteLoss(stage.name, checkpoints, earlier=_earlier_checkpoint(recipe, stage, stages, run_dir)),
+        *fault_injection(OmegaConf.select(recipe, "debug"), run_dir, stage.name),
+    ]
+    if "generator" in stage.trainable:
+        callbacks.append(GeneratorEMA())  # a no-op when the recipe has no EMA (ema.decay: null)
+    return callbacks
+
+
+def check_stage_settings(recipe: DictConfig, stages: list[Stage]) -> None:
+    """Raise `RecipeError` for a bad `checkpoint` or `debug` block before anything runs."""
+    every = OmegaConf.select(recipe, "checkpoint.every_n_steps", default=DEFAULT_EVERY_N_STEPS)
+    if not isinstance(every, int) or every < 1:
+        raise RecipeError(f"checkpoint.every_n_steps={every!r}: expected a whole number of optimiser steps, at least 1")
+    check_debug(OmegaConf.select(recipe, "debug"), [stage.name for stage in stages])
+
+
+def trainer_plugins() -> list:
+    return [AtomicCheckpointIO()]
+
+
+def _earlier_checkpoint(recipe: DictConfig, stage: Stage, stages: list[Stage], run_dir: Path) -> Path | None:
+    """The checkpoint `stage` starts from: the previous stage's, else the recipe's init_checkpoint."""
+    names = [s.name for s in stages]
+    for earlier in reversed(names[: names.index(stage.name)]):
+        if readable(stage_checkpoint(run_dir, earlier)):
+            return stage_checkpoint(run_dir, earlier)
+    init = OmegaConf.select(recipe, "init_checkpoint")
+    return Path(init) if init else None

@@ -1,0 +1,233 @@
+"""`train(recipe)`: one composed recipe -> one run directory. A study runner calls it per variant."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from unizoo.config.recipe_types import check_recipe_types
+from unizoo.data.skip_report import SkippedSamplesLog, skipped_samples
+from unizoo.data.with_targets import attach_cached_targets
+from unizoo.eval.chance import CHANCE_IMAGES, chance_levels, format_scores
+from unizoo.eval.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
+from unizoo.eval.experiment_log import EvaluationLog
+from unizoo.eval.generation_evaluator import generation_evaluator, headline_score
+from unizoo.eval.periodic_evaluation import EvaluationCurve
+from unizoo.eval.sample_statistics import sample_statistics
+from unizoo.model import UnifiedModel
+from unizoo.runtime.precision import describe_precision
+from unizoo.runtime.progress import PlainProgress
+from unizoo.text.unknown_words import warn_unknown_words
+from unizoo.training.build import build_model
+from unizoo.training.ema import ema_weights, has_updates, load_weights, scores_with_and_without_ema
+from unizoo.training.launch import is_primary, share_run_dir, shared_run_dir
+from unizoo.training.resume import fresh_plan, resume_plan
+from unizoo.training.run_loggers import logger_factory
+from unizoo.training.runs import RECIPE_FILE, TOKENIZER_DIR, read_metrics, run_vocabulary, stage_checkpoint, write_metrics
+from unizoo.training.sharding import model_to_fit, take_trained_weights
+from unizoo.training.stage_callbacks import check_stage_settings, stage_callbacks, trainer_plugins
+from unizoo.training.stage_weights import groups_only_later_stages_train, state_for_later_stages
+from unizoo.training.throughput import stage_throughput
+
+log = logging.getLogger(__name__)
+
+# Frozen components (the VAE, CLIP towers) stay in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
+# The training sampler resumes mid-epoch from the trainer's restored step (unizoo.data.sampler).
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+
+
+def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False) -> Path:
+    """Train every stage of `recipe`'s strategy, evaluating before and after; returns the run directory.
+
+    `resume`: `run_dir` is an interrupted run of `recipe`; continue it (see unizoo.training.resume).
+    """
+    started = time.perf_counter()
+    check_recipe_types(recipe)  # a wrong-typed value is named before anything is built
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    # Build first: a recipe that does not build leaves no empty run directory behind.
+    datamodule = instantiate(recipe.data, _convert_="all")
+    datamodule.setup("fit")  # data on disk is read (and refused, if unusable) before a run directory exists
+    attach_cached_targets(datamodule, recipe)  # targets=DIR: batches carry pre-extracted targets (checked here)
+    model = build_model(recipe)
+    strategy = instantiate(recipe.strategy, _convert_="all")
+    stages = _stages_to_run(strategy, recipe.start_stage, recipe.init_checkpoint)
+    check_stage_settings(recipe, stages)
+    make_logger = logger_factory(recipe)  # recipes/logger/: a missing package is named before anything trains
+
+    # Launched as several processes, every one trains but only the primary writes (unizoo.training.launch).
+    primary = is_primary()
+    run_dir = shared_run_dir(recipe.run_root, recipe.name, run_dir or OmegaConf.select(recipe, "run_dir"), resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if primary and not resume:
+        OmegaConf.save(recipe, run_dir / RECIPE_FILE, resolve=True)
+    handler = _log_to_file(run_dir / "train.log") if primary else logging.NullHandler()
+    unshare_run_dir = share_run_dir(run_dir)
+    evaluation_log = None
+    try:
+        log.info("run directory: %s", run_dir)
+
+        model.prepare(datamodule)
+        datamodule.setup("validate")
+        if recipe.init_checkpoint:
+            _load_weights(model, recipe.init_checkpoint, groups_only_later_stages_train(strategy.stages, stages))
+        if primary:
+            model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
+        log.info("trainer: %s", describe_precision(recipe.trainer))
+        log.info("strategy %s: %s", strategy.name, ", ".join(f"{s.name} ({s.steps} steps)" for s in stages))
+
+        evaluator = generation_evaluator(recipe, datamodule)  # exact (shapes), caption-image agreement, or both
+        chance = real = None  # only the primary process evaluates, so only it measures the levels scores are read against
+        if primary:
+            with torch.random.fork_rng(devices=[]):  # reading val images must not move training's random stream
+                images, captions = first_items(datamodule.val_dataloader(), CHANCE_IMAGES)
+            chance = chance_levels(evaluator, captions, images)
+            log.info("chance levels (%d val images scored against other images' prompts): %s", len(captions), format_scores(chance))
+            real = evaluator(captions, images)
+            log.info("real val images scored against their own captions (the ceiling): %s", format_scores(real))
+        # Scores and sample grids also go to the run's logger (its "evaluation" version), at steps counted across stages.
+        evaluation_log = EvaluationLog(make_logger(run_dir, "evaluation"), run_dir) if primary else None
+        curve = EvaluationCurve(_evaluations(recipe, datamodule, model, run_dir, chance, evaluator), on_point=evaluation_log)
+        start = "untrained" if not recipe.init_checkpoint else "start"
+        metrics = {"recipe": recipe.name, "run_dir": str(run_dir), "chance": chance, "real": real, **(read_metrics(run_dir) if resume else {})}
+        if primary and "representation" not in metrics:
+            # The ceiling any generator of this representation can reach: frozen, so measured once.
+            images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
+            round_trip = RoundTripEvaluation(images, captions, evaluator, score=headline_score(datamodule))
+            metrics["representation"] = round_trip(model.representation, run_dir / "round_trip.png")
+        if primary and start not in metrics:
+            metrics[start] = curve.measure(start)
+            write_metrics(run_dir, metrics)
+
+        for part in resume_plan(run_dir, stages, metrics) if resume else fresh_plan(stages):
+            stage = part.stage
+            if part.weights:
+                _load_weights(model, part.weights)
+            model.set_stage(stage)
+            stage_started = time.perf_counter()
+            if part.train:
+                trainer = instantiate(
+                    recipe.trainer,
+                    max_steps=stage.steps,
+                    default_root_dir=str(run_dir),
+                    logger=make_logger(run_dir, stage.name),
+                    callbacks=[
+                        *stage_callbacks(recipe, stage, stages, run_dir),
+                        PlainProgress(stage.name, recipe.progress_interval, run_dir / "train.log"),  # when output is not a terminal
+                        *curve.callbacks(stage.name, recipe.evaluation.get("every_n_steps")),
+                        SkippedSamplesLog(),
+                    ],
+                    plugins=trainer_plugins(),
+                )
+                fitted = model_to_fit(model, trainer)  # a copy where the trainer shards it (trainer=fsdp)
+                curve.start_stage(stage.name)
+                trainer.fit(fitted, datamodule=datamodule, ckpt_path=part.resume_from)
+                training_seconds = curve.finish_stage(stage.steps)
+                trainer.save_checkpoint(stage_checkpoint(run_dir, stage.name))
+                take_trained_weights(model, fitted)
+            if primary:
+                metrics[stage.name] = curve.measure(stage.name)
+                if part.train:
+                    metrics.setdefault("seconds", {})[stage.name] = round(time.perf_counter() - stage_started, 1)
+                if part.train and part.resume_from is None:  # a resumed stage's speed would mix two processes' steps
+                    metrics.setdefault("training", {})[stage.name] = stage_throughput(
+                        model, trainer, recipe.data.batch_size, stage.steps, training_seconds
+                    )
+                metrics["curve"] = curve.points
+                metrics.setdefault("data", {})["skipped"] = skipped_samples(datamodule)
+                write_metrics(run_dir, metrics)
+
+        metrics["seconds_total"] = round(time.perf_counter() - started, 1)
+        if primary:
+            write_metrics(run_dir, metrics)
+        log.info("done in %.0f s: %s", metrics["seconds_total"], run_dir)
+        return run_dir
+    finally:
+        if evaluation_log is not None:
+            evaluation_log.close()
+        # Runs in one process (tests, a study runner) must not log into each other's files.
+        logging.getLogger("unizoo").removeHandler(handler)
+        handler.close()
+        unshare_run_dir()
+
+
+def _stages_to_run(strategy, start_stage: str | None, init_checkpoint: str | None) -> list:
+    """All stages, or those from `start_stage` on (which needs the earlier stages' weights)."""
+    if start_stage is None:
+        return list(strategy.stages)
+    if not init_checkpoint:
+        raise FileNotFoundError(
+            f"start_stage={start_stage!r} skips earlier stages, so it needs their weights: set "
+            "init_checkpoint=RUN_DIR/checkpoints/<earlier stage>.ckpt"
+        )
+    names = [stage.name for stage in strategy.stages]
+    if start_stage not in names:
+        raise FileNotFoundError(f"start_stage={start_stage!r} is not a stage of strategy {strategy.name!r}; stages: {', '.join(names)}")
+    return list(strategy.stages[names.index(start_stage) :])
+
+
+def _load_weights(model: UnifiedModel, checkpoint: str | Path, untrained_groups: set[str] = frozenset()) -> None:
+    """`checkpoint`'s weights, strictly except for new or reshaped tensors of `untrained_groups` (unizoo.training.stage_weights)."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"init_checkpoint={checkpoint!r} is not a file; stage checkpoints are RUN_DIR/checkpoints/<stage>.ckpt")
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    load_weights(model, state_for_later_stages(model, state, untrained_groups))
+    log.info("weights from %s", path)
+
+
+def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: Path, chance: dict, evaluator):
+    """`evaluate(phase, full) -> scores`: samples scored, and captions scored where the backbone reads images."""
+    prompts = datamodule.prompts("val", recipe.evaluation.prompts)
+    warn_unknown_words(model.backbone.tokenizer, prompts, run_vocabulary(run_dir))
+    generation = SampleEvaluation(
+        prompts=prompts,
+        evaluator=evaluator,
+        steps=recipe.evaluation.steps,
+        guidance=recipe.evaluation.guidance,
+        seed=recipe.evaluation.seed,
+        chance=chance,
+    )
+    understanding = None
+    if model.backbone.understands_images and getattr(datamodule, "has_exact_evaluator", True):  # it parses shapes captions
+        images, truth = first_items(datamodule.val_dataloader(), recipe.evaluation.captions)
+        warn_unknown_words(model.backbone.tokenizer, truth, run_vocabulary(run_dir), what="reference caption")
+        understanding = CaptionEvaluation(images, truth, instantiate(recipe.understanding_evaluator))
+    statistics = sample_statistics(recipe, datamodule)  # FID, diversity: None unless the recipe asks
+
+    def evaluate(phase: str, full: bool = True) -> dict:
+        """Scores of the model now; ``full`` (before and after stages) also writes grids and captions and measures diversity.
+
+        With an EMA: "generation" scores its weights (what `unizoo sample` draws with), "generation_raw" the
+        trained ones; FID and diversity are of the EMA's samples.
+        """
+        drawn = {}
+
+        def score(suffix: str) -> dict:
+            drawn[suffix] = generation.draw(model)
+            return generation.score(drawn[suffix], run_dir / f"samples_{phase}{suffix}.png" if full else None)
+
+        scores = scores_with_and_without_ema(model, score)
+        if statistics is not None:
+            with ema_weights(model) if has_updates(model) else contextlib.nullcontext():
+                scores.update(statistics(model, drawn[""], full))
+        if understanding is not None:
+            scores["understanding"] = understanding(model, run_dir / f"captions_{phase}.txt" if full else None)
+        return scores
+
+    return evaluate
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("unizoo").addHandler(handler)
+    return handler
