@@ -232,7 +232,7 @@ class CLIPRepresentation(nn.Module):
                 "pool_to": self.pool_to,
                 "normalisation": {"kind": self.normalize, "shift": _rounded(self.feature_shift), "scale": _rounded(self.feature_scale)},
             }
-            self.decoder.prepare(datamodule, self.encode, features)
+            self.decoder.prepare(datamodule, self, features)
 
     def tiny_clip_directory(self, datamodule: L.LightningDataModule) -> Path:
         """The cached tiny CLIP of this recipe and data (pretrained now if missing): a complete

@@ -9,7 +9,6 @@ generation recipe of its own, conditioned on an image's features instead of a ca
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +23,7 @@ from unizoo.components.representations.vae import VAERepresentation
 from unizoo.config.recipe_types import ArgumentsOf
 from unizoo.pretraining.cache import cached_directory
 from unizoo.pretraining.pixel_decoder import train_pixel_decoder
+from unizoo.runtime.fabric import on_loop_device
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +69,17 @@ class PixelDecoder(nn.Module):
         self.vae.train(mode)
         return self
 
-    def prepare(self, datamodule: L.LightningDataModule, encode: Callable[[torch.Tensor], torch.Tensor], signature: dict) -> None:
-        """Load (or train and cache) the decoder for features made by `encode`, identified by `signature`."""
+    def prepare(self, datamodule: L.LightningDataModule, encoder: nn.Module, signature: dict) -> None:
+        """Load (or train and cache) the decoder for the features `encoder.encode(images)` makes, identified by `signature`."""
         self.vae.prepare(datamodule)
         key = {"decoder": self.config, "vae": self.vae.cache_signature(datamodule), "features": signature}
 
         def build(directory: Path) -> None:
             datamodule.setup("fit")
-            with torch.enable_grad():
+            with torch.enable_grad(), on_loop_device(self.vae, encoder):
                 self.generator.initialize_weights()  # drawn under the cache's fixed seed
                 self.generator.requires_grad_(True)
-                train_pixel_decoder(self.generator, self.objective, self.vae.encode, encode, datamodule.train_dataloader(),
+                train_pixel_decoder(self.generator, self.objective, self.vae.encode, encoder.encode, datamodule.train_dataloader(),
                                     **self.training_settings)
                 self.generator.requires_grad_(False).eval()
             save_file(self.generator.state_dict(), str(directory / WEIGHTS_FILE))

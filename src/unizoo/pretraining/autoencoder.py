@@ -16,9 +16,10 @@ import torch
 from diffusers import AutoencoderKL
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from unizoo.pretraining.batches import endless_images
+from unizoo.runtime.fabric import describe, loop_fabric, loop_precision
+from unizoo.runtime.progress import LoopProgress
 from unizoo.runtime.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -31,41 +32,45 @@ def train_autoencoder(
     lr: float = 1e-3,
     kl_weight: float = 1e-6,
     batch_size: int | None = None,
-    precision: Literal["32-true", "bf16-mixed"] = "32-true",
+    precision: Literal["32-true", "bf16-mixed", "auto"] = "32-true",
     seed: int = 0,
 ) -> dict[str, float]:
-    """Train `vae` in place for `steps` batches of `loader`; returns the final losses.
+    """Train `vae` in place for `steps` batches of `loader`, on the run's device; returns the final losses.
 
     `batch_size` splits each of the loader's batches into optimiser steps of that many
     images (None: one step per batch); `precision` "bf16-mixed" runs forward and backward
-    under bf16 autocast, with fp32 weights and losses.
+    under bf16 autocast, with fp32 weights and losses ("auto": the run's precision).
+    The weights are back on the CPU when it returns.
     """
     torch.manual_seed(seed)
+    fabric = loop_fabric(precision)
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae, optimizer = fabric.setup(vae, optimizer)
     # Cosine decay: the last steps at a small rate sharpen edges noticeably.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(50, steps // 2 + 1), steps, 0.02))
     batches = endless_images(loader, batch_size)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     start = time.perf_counter()
-    progress = tqdm(range(steps), desc=f"pretraining VAE ({precision})", dynamic_ncols=True)
-    for _ in progress:
-        images = next(batches)
-        with autocast:
+    progress = LoopProgress(f"pretraining VAE ({describe(fabric)})", steps)
+    for _ in range(steps):
+        images = fabric.to_device(next(batches))
+        with fabric.autocast():
             posterior = vae.encode(images).latent_dist
             reconstruction = vae.decode(posterior.sample()).sample.float()
             kl = posterior.kl().float().mean()
         recon = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
         loss = recon + kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        fabric.backward(loss)
         optimizer.step()
         schedule.step()
-        progress.set_postfix(recon=f"{recon.item():.4f}", kl=f"{kl.item():.1f}")
-    vae.eval()
-    log.info("VAE pretrained for %d steps of %d images (%s) in %.0f s (reconstruction loss %.4f)",
-             steps, len(images), precision, time.perf_counter() - start, recon.item())
-    return {"reconstruction": recon.item(), "kl": kl.item()}
+        progress.step(lambda: {"reconstruction": recon.item(), "kl": kl.item()})
+    final = {"reconstruction": recon.item(), "kl": kl.item()}
+    progress.close(final)
+    vae = vae.module.to("cpu").eval()
+    log.info("VAE pretrained for %d steps of %d images (%s) on %s in %.0f s (reconstruction loss %.4f)",
+             steps, len(images), loop_precision(precision), fabric.device, time.perf_counter() - start, final["reconstruction"])
+    return final
 
 
 @torch.no_grad()

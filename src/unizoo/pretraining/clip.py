@@ -13,17 +13,18 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
 import torch
 from tokenizers import processors
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from unizoo.config.recipe_types import ArgumentsOf
 from unizoo.pretraining.batches import endless
+from unizoo.runtime.fabric import describe, loop_fabric
+from unizoo.runtime.progress import LoopProgress
 from unizoo.runtime.schedules import warmup_cosine
 from unizoo.text import word_level_tokenizer
 
@@ -132,35 +133,44 @@ def train_clip(
     seed: int = 0,
     weight_decay: float = 0.05,
     warmup_steps: int = 50,
+    precision: Literal["32-true", "bf16-mixed", "auto"] = "32-true",
 ) -> dict[str, float]:
-    """Train `model` in place for `steps` batches of `loader`; returns the final loss and logit scale."""
+    """Train `model` in place for `steps` batches of `loader`, on the run's device; returns the final loss and logit scale.
+
+    `precision`: "auto" follows the run's; the weights are back on the CPU when it returns.
+    """
     torch.manual_seed(seed)
+    fabric = loop_fabric(precision)
     model.train()
     image_size = model.config.vision_config.image_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model, optimizer = fabric.setup(model, optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(warmup_steps, steps // 2 + 1), steps, 0.02))
     batches = endless(loader)
     start = time.perf_counter()
-    progress = tqdm(range(steps), desc="pretraining CLIP", dynamic_ncols=True)
+    progress = LoopProgress(f"pretraining CLIP ({describe(fabric)})", steps)
     loss = torch.tensor(float("nan"))
-    for _ in progress:
+    for _ in range(steps):
         batch = next(batches)
-        text = tokenizer(list(batch["caption"]), padding=True, return_tensors="pt")
-        pixels = preprocess(batch["image"], image_size, CLIP_MEAN, CLIP_STD)
-        image_embeds = model.get_image_features(pixel_values=pixels).pooler_output
-        text_embeds = model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask).pooler_output
-        loss = soft_contrastive_loss(image_embeds, text_embeds, model.logit_scale, batch["caption"])
+        text = fabric.to_device(tokenizer(list(batch["caption"]), padding=True, return_tensors="pt"))
+        pixels = preprocess(fabric.to_device(batch["image"]), image_size, CLIP_MEAN, CLIP_STD)
+        with fabric.autocast():
+            image_embeds = model.get_image_features(pixel_values=pixels).pooler_output
+            text_embeds = model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask).pooler_output
+            loss = soft_contrastive_loss(image_embeds.float(), text_embeds.float(), model.logit_scale, batch["caption"])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        fabric.backward(loss)
         optimizer.step()
         schedule.step()
         with torch.no_grad():  # CLIP's cap on the temperature: logits at most 100x cosine
             model.logit_scale.clamp_(0, 4.6052)
-        progress.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
-    model.eval()
+        progress.step(lambda: {"loss": loss.item(), "scale": model.logit_scale.exp().item()})
+    final = {"loss": loss.item(), "logit_scale": model.logit_scale.exp().item()}
+    progress.close(final)
+    model = model.module.to("cpu").eval()
     seconds = time.perf_counter() - start
-    log.info("CLIP pretrained for %d steps in %.0f s (loss %.3f)", steps, seconds, loss.item())
-    return {"loss": loss.item(), "logit_scale": model.logit_scale.exp().item(), "seconds": seconds}
+    log.info("CLIP pretrained for %d steps (%s) in %.0f s (loss %.3f)", steps, describe(fabric), seconds, final["loss"])
+    return {**final, "seconds": seconds}
 
 
 @torch.no_grad()

@@ -8,7 +8,8 @@ stage ends:
 
     [unizoo] generation: step 600/1500 (40%), loss 0.4127, generation 0.4127, 212.5 images/s, 1m52s left
 
-On a terminal the bar stays and no lines are written.
+On a terminal the bar stays and no lines are written. `LoopProgress` does the same for the
+loops that are not a Trainer (pretraining): a bar on a terminal, plain lines in a file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,61 @@ class PlainProgress(Callback):
             self.handlers.append(file)
         for handler in self.handlers:
             log.addHandler(handler)
+
+
+class LoopProgress:
+    """Progress of a loop that is not a Trainer (pretraining), by the same policy as `PlainProgress`.
+
+    On a terminal, a tqdm bar on stderr; otherwise (a file, nohup, CI) a plain line on the
+    `unizoo` logger every `interval` seconds and one at the end:
+
+        [unizoo] pretraining VAE: step 400/850 (47%), reconstruction 0.0301, kl 88.2, 21.4 steps/s, 21s left
+
+    `values` is called only when a line (or the bar's figures, at most once a second) is
+    due: reading a loss with `.item()` waits for the device, so it is never done every step.
+    """
+
+    BAR_REFRESH = 1.0  # seconds between the bar's figures
+
+    def __init__(self, name: str, total: int, interval: float = 30.0, stream: Any = None) -> None:
+        self.name, self.total, self.interval = name, int(total), float(interval)
+        self.stream = stream if stream is not None else sys.stderr
+        self.step_count = 0
+        self.started = self.last_line = time.perf_counter()
+        self.bar = None
+        if is_terminal(self.stream):
+            from tqdm.auto import tqdm  # noqa: PLC0415 - only where a bar is drawn
+
+            self.bar = tqdm(total=self.total, desc=name, dynamic_ncols=True, file=self.stream)
+
+    def step(self, values: Callable[[], Mapping[str, float]] | None = None) -> None:
+        """One step done; `values()` gives the figures to show (losses), read only when they are shown."""
+        self.step_count += 1
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(1)
+            if values is not None and now - self.last_line >= self.BAR_REFRESH:
+                self.bar.set_postfix({key: f"{value:.4g}" for key, value in values().items()}, refresh=False)
+                self.last_line = now
+        elif now - self.last_line >= self.interval:
+            logging.getLogger("unizoo").info(self.line(values() if values is not None else {}))
+            self.last_line = now
+
+    def close(self, values: Mapping[str, float] | None = None) -> None:
+        """The loop ended: the bar closes; in a file, a last line with the final figures."""
+        if self.bar is not None:
+            if values:
+                self.bar.set_postfix({key: f"{value:.4g}" for key, value in values.items()}, refresh=False)
+            self.bar.close()
+        else:
+            logging.getLogger("unizoo").info("%s, done in %s", self.line(values or {}), duration(time.perf_counter() - self.started))
+
+    def line(self, values: Mapping[str, float]) -> str:
+        elapsed = time.perf_counter() - self.started
+        parts = [f"{self.name}: step {self.step_count}/{self.total}" + (f" ({100 * self.step_count // self.total}%)" if self.total else "")]
+        parts += [f"{key} {value:.4g}" for key, value in values.items()]
+        if self.step_count and elapsed > 0:
+            parts.append(f"{self.step_count / elapsed:.1f} steps/s")
+            if self.step_count < self.total:
+                parts.append(f"{duration((self.total - self.step_count) * elapsed / self.step_count)} left")
+        return ", ".join(parts)

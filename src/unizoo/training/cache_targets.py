@@ -31,6 +31,7 @@ from unizoo.config.recipe_types import check_recipe_types
 from unizoo.data.target_shards import TargetShards, check_signature, read_manifest, targets_signature, write_shards
 from unizoo.data.with_targets import indexable_train_set
 from unizoo.errors import RecipeError
+from unizoo.runtime.fabric import loops_on
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,9 @@ def cache_targets(recipe: DictConfig, items_per_shard: int = 4096, batch_size: i
     L.seed_everything(recipe.seed, workers=True, verbose=False)  # as train() does before building
     datamodule = instantiate(recipe.data, _convert_="all")
     representation = instantiate(recipe.representation, _convert_="all")
-    representation.prepare(datamodule)  # the weights and normalisation training would use
     target = _device(device)
+    with loops_on(target.type):  # a representation that pretrains (tiny VAE, CLIP) does it on the device asked for
+        representation.prepare(datamodule)  # the weights and normalisation training would use
     representation.to(target).eval()
     dataset = indexable_train_set(datamodule, f"cache-targets targets={directory}")
     batches = encoded_batches(representation, dataset, batch_size or recipe.data.batch_size,

@@ -23,6 +23,7 @@ from unizoo.eval.generation_evaluator import generation_evaluator, headline_scor
 from unizoo.eval.periodic_evaluation import EvaluationCurve
 from unizoo.eval.sample_statistics import sample_statistics
 from unizoo.model import UnifiedModel
+from unizoo.runtime.fabric import loops_on, on_loop_device
 from unizoo.runtime.precision import describe_precision
 from unizoo.runtime.progress import PlainProgress
 from unizoo.text.unknown_words import warn_unknown_words
@@ -72,6 +73,10 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
     handler = _log_to_file(run_dir / "train.log") if primary else logging.NullHandler()
     unshare_run_dir = share_run_dir(run_dir)
     evaluation_log = None
+    # What trains outside a stage's Trainer (the tiny VAE, CLIP, pixel decoder; unizoo.runtime.fabric)
+    # runs on the trainer's accelerator too, and `precision: auto` there means the trainer's.
+    placement = contextlib.ExitStack()
+    placement.enter_context(loops_on(recipe.trainer.accelerator, recipe.trainer.precision))
     try:
         log.info("run directory: %s", run_dir)
 
@@ -151,6 +156,7 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
         log.info("done in %.0f s: %s", metrics["seconds_total"], run_dir)
         return run_dir
     finally:
+        placement.close()
         if evaluation_log is not None:
             evaluation_log.close()
         # Runs in one process (tests, a study runner) must not log into each other's files.
@@ -212,7 +218,8 @@ def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: P
         drawn = {}
 
         def score(suffix: str) -> dict:
-            drawn[suffix] = generation.draw(model)
+            with on_loop_device(model):  # sampling on the run's accelerator (the model is on the CPU between stages)
+                drawn[suffix] = generation.draw(model)
             return generation.score(drawn[suffix], run_dir / f"samples_{phase}{suffix}.png" if full else None)
 
         scores = scores_with_and_without_ema(model, score)
