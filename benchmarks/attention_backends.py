@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from unizoo.components.generators.attention import attention
+from unizoo.components.generators.attention import attention, probe
 
 from .measure import DTYPES, PeakMemory, mfu, time_call
 
@@ -48,8 +48,12 @@ def attention_flops(batch: int, seq_len: int, heads: int, head_dim: int) -> int:
     return 12 * batch * heads * seq_len**2 * head_dim
 
 
-def unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot run on ``device`` (None if it can)."""
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype = torch.float32, head_dim: int = 64) -> str | None:
+    """Why ``backend`` cannot run on ``device`` (None if it can): missing, no CUDA, or its kernel failing the probe.
+
+    The probe is the one `auto` runs (`attention.probe`): an xformers wheel built for another
+    torch imports but fails it, and its rows say why instead of stopping the benchmark.
+    """
     if backend != "xformers":
         return None
     reasons = []
@@ -57,7 +61,9 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
         reasons.append("xformers not installed")
     if device.type != "cuda":
         reasons.append(f"xformers needs CUDA (running on {device.type})")
-    return "; ".join(reasons) or None
+    if not reasons:
+        return probe("xformers", device, dtype, head_dim)
+    return "; ".join(reasons)
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -70,7 +76,7 @@ def measure_one(backend: str, seq_len: int, precision: str, cfg: AttentionConfig
     """One row: time/memory/FLOP rate of forward+backward at ``seq_len`` in ``precision`` (see module doc)."""
     row = {"backend": backend, "seq_len": seq_len, "batch": cfg.batch, "heads": cfg.heads,
            "head_dim": cfg.head_dim, "precision": precision, "status": "ok"}
-    reason = unavailable_reason(backend, device)
+    reason = unavailable_reason(backend, device, DTYPES[precision], cfg.head_dim)
     if reason:
         return {**row, "status": f"skipped: {reason}"}
     dtype = DTYPES[precision]

@@ -134,7 +134,8 @@ def _short(error: BaseException) -> str:
 
 def _skip_reason(variant: Variant, device: torch.device) -> str | None:
     if variant.attention:
-        return unavailable_reason(variant.attention, device)
+        dtype = torch.bfloat16 if variant.precision == "bf16" else torch.float32
+        return unavailable_reason(variant.attention, device, dtype)
     return None
 
 

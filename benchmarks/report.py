@@ -135,8 +135,12 @@ def _strict_json(value):
     return value
 
 
-def write_results(name: str, result: dict, env: dict, peaks: dict, out_root: Path, quick: bool) -> tuple[Path, Path, str]:
-    """Write ``<out_root>/<machine>/<name>[-quick].{json,md}``; return paths and the Markdown."""
+def write_results(name: str, result: dict, env: dict, peaks: dict, out_root: Path, quick: bool,
+                  kind: str | None = None) -> tuple[Path, Path, str]:
+    """Write ``<out_root>/<machine>/<name>[-quick].{json,md}``; return paths and the Markdown.
+
+    `kind`: the benchmark whose table this is, where `name` differs (peer_dit_xl is a peer_dit table).
+    """
     folder = Path(out_root) / env["machine"]
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-quick" if quick else name
@@ -145,7 +149,7 @@ def write_results(name: str, result: dict, env: dict, peaks: dict, out_root: Pat
     json_path.write_text(json.dumps(_strict_json(payload), indent=2, allow_nan=False) + "\n")
     header = (f"<!-- {env['command']} | {env['device_name']} | torch {env['torch']} | "
               f"{env['torch_threads']} threads | {env['timestamp']}{' | QUICK: not real numbers' if quick else ''} -->")
-    markdown = header + "\n\n" + MARKDOWN[name](result, peaks) + "\n"
+    markdown = header + "\n\n" + MARKDOWN[kind or name](result, peaks) + "\n"
     md_path = folder / f"{stem}.md"
     md_path.write_text(markdown)
     return json_path, md_path, markdown

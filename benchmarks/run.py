@@ -1,4 +1,4 @@
-"""`python -m benchmarks.run [attention|peer|variants|targets|all] [--quick] [--out DIR] [--repeats N] ...`
+"""`python -m benchmarks.run [attention|peer|variants|targets|loop|all] [--quick] [--out DIR] [--repeats N] ...`
 
 Run from the repository root. Progress lines go to stderr, one per measurement; the
 Markdown tables go to stdout at the end; JSON + Markdown are written under
@@ -22,6 +22,7 @@ from unizoo.components.generators.dit_blocks import ADALN_MODES
 
 from .attention_backends import AttentionConfig, run_attention
 from .cached_targets import TargetsConfig, run_cached_targets
+from .loop import LoopConfig, run_loop
 from .measure import measured_peaks, memory_method
 from .peer_dit import run_peer
 from .peer_models import PeerConfig
@@ -43,7 +44,7 @@ def _progress(line: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", nargs="?", default="all", choices=("attention", "peer", "variants", "targets", "all"),
+    parser.add_argument("benchmark", nargs="?", default="all", choices=("attention", "peer", "variants", "targets", "loop", "all"),
                         help="which benchmark (default all)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1-2 repeats: a smoke test of the harness")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results root (default {DEFAULT_OUT})")
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--adaln", choices=ADALN_MODES, default=None,
                        help="unizoo DiT's modulation in every peer comparison (default: the peer's own, adaLN-Zero "
                             "against diffusers' DiT, adaLN-single against PixArt)")
+    group.add_argument("--peer-size", default=None,
+                       help="dit and pixart: the DiT size of both sides, a preset of unizoo's DIT_SIZES (default S: DiT-S/2); "
+                            "results of another size are written as peer_dit_<size> (e.g. peer_dit_xl)")
     group.add_argument("--row-time-limit", type=float, default=None,
                        help="seconds a peer row may take; longer rows say so instead of running (default 900)")
     group = parser.add_argument_group("variants (a training step per design-space cell, stage and size)")
@@ -85,7 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "strategy=sequential (default: every cell)")
     group = parser.add_argument_group("targets (a training step encoding the target vs reading it from unizoo cache-targets)")
     group.add_argument("--targets-batch", type=int, default=None, help="images per step (default 64, the default recipe's; --quick: 4)")
+    group = parser.add_argument_group("loop (the default recipe's bare step against the whole Lightning step)")
+    group.add_argument("--loop-steps", type=int, default=None, help="timed steps of the whole loop (default 500)")
     return parser
+
+
+def _loop_config(args) -> LoopConfig:
+    cfg = LoopConfig.quick() if args.quick else LoopConfig()
+    overrides = {"steps": args.loop_steps, "warmup": args.warmup, "bare_steps": args.repeats}
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _targets_config(args) -> TargetsConfig:
@@ -112,6 +124,8 @@ def _check_peer_args(args, parser: argparse.ArgumentParser) -> None:
     """Bad peer sizes are usage errors, found before any measurement."""
     from unizoo.components.generators.dit import DIT_SIZES  # noqa: PLC0415
 
+    if args.peer_size is not None and args.peer_size not in DIT_SIZES:
+        parser.error(f"--peer-size {args.peer_size}: not a DiT size; valid sizes: {', '.join(DIT_SIZES)}")
     bad_sizes = [s for s in args.scaling_sizes or () if s not in DIT_SIZES]
     if bad_sizes:
         parser.error(f"--scaling-sizes {' '.join(bad_sizes)}: not a DiT size; valid sizes: {', '.join(DIT_SIZES)}")
@@ -136,6 +150,11 @@ def _configs(args, device: torch.device) -> tuple[AttentionConfig, PeerConfig, i
     overrides = {"batch": args.batch, "loss_steps": args.loss_steps, "compile_backend": args.compile_backend,
                  "warmup": args.warmup, "repeats": args.repeats, "adaln": args.adaln}
     peer = replace(peer, **{k: v for k, v in overrides.items() if v is not None})
+    if args.peer_size is not None:
+        from unizoo.components.generators.dit import DIT_SIZES  # noqa: PLC0415
+
+        size = DIT_SIZES[args.peer_size]
+        peer = replace(peer, depth=size["depth"], hidden=size["hidden_size"], heads=size["num_heads"])
     peak_n = args.peak_n or (256 if args.quick else 8192 if device.type == "cuda" else 4096)
     peak_repeats = args.repeats or (2 if args.quick else 5)
     return attention, peer, peak_n, peak_repeats
@@ -153,15 +172,16 @@ def _report_checks(section: dict) -> None:
 
 def _run_peers(args, peer_cfg: PeerConfig, device: torch.device, peaks: dict, report) -> None:
     limits = RowLimits(time_limit_s=args.row_time_limit) if args.row_time_limit else RowLimits()
+    suffix = "" if args.peer_size in (None, "S") else f"_{args.peer_size.lower()}"
     if "dit" in args.peer_parts:
         result = run_peer(peer_cfg, device, peaks, progress=_progress, limits=limits)
         _report_checks(result)
-        report("peer_dit", result)
+        report(f"peer_dit{suffix}", result, kind="peer_dit")
     if "pixart" in args.peer_parts:
         result = run_pixart(peer_cfg, device, peaks, tuple(args.condition_tokens or (16, 64)), _progress, limits)
         for section in result["sections"]:
             _report_checks(section)
-        report("peer_pixart", result)
+        report(f"peer_pixart{suffix}", result, kind="peer_pixart")
     if "scaling" in args.peer_parts:
         scaling = ScalingConfig.quick() if args.quick else ScalingConfig()
         overrides = {"tokens": tuple(args.scaling_tokens) if args.scaling_tokens else None,
@@ -191,8 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tables = []
 
-    def report(name: str, result: dict) -> None:
-        *paths, markdown = write_results(name, result, env, peaks, args.out, args.quick)
+    def report(name: str, result: dict, kind: str | None = None) -> None:
+        *paths, markdown = write_results(name, result, env, peaks, args.out, args.quick, kind)
         tables.append(markdown)
         _progress("wrote " + ", ".join(map(str, paths)))
 
@@ -208,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report("variants", result)
     if args.benchmark in ("targets", "all"):
         report("cached_targets", run_cached_targets(_targets_config(args), device, peaks, progress=_progress))
+    if args.benchmark in ("loop", "all"):
+        report("loop", run_loop(_loop_config(args), device, peaks, progress=_progress))
     print("\n\n".join(tables))
     return 0
 

@@ -38,6 +38,7 @@ TINY_OVERRIDES = [
     "trainer.limit_val_batches=1",
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
+    "trainer.accelerator=cpu",  # the default trainer takes a GPU where there is one: tests pin the CPU
     # fp32, where the trainer recipes choose bf16 on hardware that computes it natively: a test's
     # numbers must not depend on the CPU it runs on (test_precision covers bf16 and the choice).
     "trainer.precision=32-true",

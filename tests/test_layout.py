@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("eval",),
     ("training",),
     ("studies",),
+    ("environment",),
     ("cli",),
 ]
 LAYER_OF = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}

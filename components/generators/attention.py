@@ -21,8 +21,19 @@ Backends (``BACKENDS``):
                    on a CPU with AMX these run on the matrix units, where the CPU flash
                    kernel does not: 3x faster forward + backward at 256 tokens
                    (``benchmarks/results/*/attention.md``). Materialises the scores.
-* ``"auto"``     - xformers where it imports and the tensors are on CUDA; on the CPU in
-                   bf16 with at most ``GEMM_MAX_SCORES`` scores per head, gemm; else sdpa.
+* ``"auto"``     - xformers where it imports, the tensors are on CUDA and its kernel passes
+                   the probe; on the CPU in bf16 with at most ``GEMM_MAX_SCORES`` scores per
+                   head, gemm (probed too); else sdpa. The choice and its reason are logged once.
+
+The probe. A kernel that imports is not a kernel that runs: an xformers wheel built for
+another torch or CUDA imports, prints a warning, and raises ``NotImplementedError`` at
+the first call (the most common way xformers is installed). So before ``auto`` commits
+to a kernel other than sdpa, it runs it once per (device, dtype, head dim): a tiny
+forward and backward in the real ``[B, M, H, K]`` layout, with a padded key, held to
+sdpa within ``PROBE_TOLERANCE``. Any failure, an exception or wrong numbers, sends it to
+sdpa with one log line that says why, naming the versions. An explicit ``"xformers"``
+runs the same probe (``require_backend``) when a DiT is built, so a run that asks for
+it and cannot have it stops before anything trains.
 
 Key padding: ``key_padding_mask`` is bool ``[B, Mk]``, True = the key takes part.
 A batch row whose keys are *all* masked has nothing to attend to; softmax over an
@@ -38,6 +49,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from unizoo.errors import RecipeError
+
 BACKENDS = ("auto", "xformers", "sdpa", "gemm", "math")
 # "auto" takes gemm on the CPU in bf16 up to this many scores per (batch, head): up to
 # 1024 x 1024 it measured faster than the flash kernel, and the materialised bf16
@@ -49,6 +62,10 @@ logger = logging.getLogger("unizoo.attention")
 # Messages already logged by "auto": the choice is the same for every call of a run,
 # so logging it per call would flood the logs (attention runs ~depth times a step).
 _logged_choices: set[str] = set()
+
+
+class AttentionUnavailable(RecipeError):
+    """An attention kernel the recipe names explicitly cannot run here (exit status 2, before training)."""
 
 
 def check_backend(backend: str) -> str:
@@ -94,24 +111,134 @@ def _xformers_unusable_reason(device: torch.device) -> str | None:
     return None
 
 
-def auto_backend(device: torch.device, dtype: torch.dtype, query_len: int, key_len: int) -> tuple[str, str | None]:
+# Largest |kernel - sdpa| the probe accepts, relative to the largest value of the output and of each
+# gradient, per dtype: the dtype's rounding at these sizes, far below a wrong kernel's (order 0.1-1).
+PROBE_TOLERANCE = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # fp32: TF32 matmuls on CUDA
+_PROBE_SHAPE = (2, 24, 2)  # batch, tokens, heads: tiny, with a key padding mask on one row
+
+# Probe answers per (kernel, op, device, dtype, head dim): the kernel and its op (the objects, not
+# their ids, which a freed function's successor may reuse) are part of the key, so that a test
+# substituting either probes afresh.
+_probe_results: dict[tuple, str | None] = {}
+
+
+def _versions_of_xformers(error: BaseException) -> str:
+    """`xformers 0.0.35 cannot run here: its kernels did not load (built for torch 2.10.0+cu128, this is 2.11.0+cu130)`."""
+    try:
+        import xformers  # noqa: PLC0415 - optional dependency
+
+        version = getattr(xformers, "__version__", "(unknown version)")
+        load_error = getattr(getattr(xformers, "_cpp_lib", None), "_cpp_library_load_exception", None)
+    except ImportError:
+        return f"xformers cannot run here: {type(error).__name__}: {_first_line(error)}"
+    if load_error is not None:
+        built = getattr(getattr(load_error, "build_info", None), "torch_version", None)
+        where = f"built for torch {built}, this is {torch.__version__}" if built else f"built for another torch or Python; this is torch {torch.__version__}"
+        return f"xformers {version} cannot run here: its kernels did not load ({where})"
+    return f"xformers {version} cannot run here: {type(error).__name__}: {_first_line(error)}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _probe(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Run `backend`'s kernel forward and backward on tiny inputs and hold it to sdpa: None, or why not."""
+    generator = torch.Generator().manual_seed(0)
+    batch, tokens, heads = _PROBE_SHAPE
+    inputs = [torch.randn(batch, tokens, heads, head_dim, generator=generator) for _ in range(3)]
+    weights = torch.randn(batch, tokens, heads, head_dim, generator=generator).to(device)
+    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    mask[1, tokens // 2 :] = False  # padded keys: the bias path, as cross-attention to captions uses it
+    mask = mask.to(device)
+
+    def run(kernel) -> list[torch.Tensor]:
+        q, k, v = (t.to(device, dtype).requires_grad_(True) for t in inputs)
+        out = kernel(q, k, v, mask)
+        grads = torch.autograd.grad((out.float() * weights).sum(), (q, k, v))
+        return [t.detach().float() for t in (out, *grads)]
+
+    # Probes may be reached from sampling (no_grad, inference mode) or under autocast.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        try:
+            got = run(_KERNELS[backend])
+        except Exception as error:  # noqa: BLE001 - any failure means: not this kernel
+            if backend == "xformers":
+                return _versions_of_xformers(error)
+            return f"{backend} cannot run here: {type(error).__name__}: {_first_line(error)}"
+        expected = run(_KERNELS["sdpa"])
+    # Relative to each tensor's largest value: gradients grow with the head dim, rounding with them.
+    difference = max(((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item() for a, b in zip(got, expected))
+    tolerance = PROBE_TOLERANCE.get(dtype, 1e-2)
+    if not difference <= tolerance:  # also catches NaN
+        name = f"xformers {_xformers_version()}".strip() if backend == "xformers" else backend
+        return (f"{name} returns wrong numbers here: its output or gradients differ from sdpa's by up to "
+                f"{difference:.3g} of their scale in {str(dtype).removeprefix('torch.')} (tolerance {tolerance:g})")
+    return None
+
+
+def _xformers_version() -> str:
+    try:
+        import xformers  # noqa: PLC0415 - optional dependency
+
+        return getattr(xformers, "__version__", "")
+    except ImportError:
+        return ""
+
+
+def probe(backend: str, device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None if `backend` runs correctly on `device` in `dtype` for heads of `head_dim`; else one line saying why not.
+
+    Probed once per (kernel, device, dtype, head dim) per process.
+    """
+    device = torch.device(device)
+    if backend == "xformers" and (reason := _xformers_unusable_reason(device)):
+        return reason
+    key = (backend, _KERNELS[backend], _xformers_op, str(device), dtype, int(head_dim))
+    if key not in _probe_results:
+        _probe_results[key] = _probe(backend, device, dtype, int(head_dim))
+    return _probe_results[key]
+
+
+def auto_backend(
+    device: torch.device, dtype: torch.dtype, query_len: int, key_len: int, head_dim: int = 64
+) -> tuple[str, str | None]:
     """The kernel "auto" runs for such queries and keys, and why (None when it is the first choice)."""
-    reason = _xformers_unusable_reason(torch.device(device))
+    device = torch.device(device)
+    reason = probe("xformers", device, dtype, head_dim)
     if not reason:
         return "xformers", None
-    if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and query_len * key_len <= GEMM_MAX_SCORES:
-        return "gemm", f"{reason}; bf16 on the CPU at short sequences: matrix units beat the flash kernel"
+    if device.type == "cpu" and dtype == torch.bfloat16 and query_len * key_len <= GEMM_MAX_SCORES:
+        gemm_failure = probe("gemm", device, dtype, head_dim)
+        if not gemm_failure:
+            return "gemm", f"{reason}; bf16 on the CPU at short sequences: matrix units beat the flash kernel"
+        reason = f"{reason}; {gemm_failure}"
     return "sdpa", reason
+
+
+def require_backend(backend: str, device: torch.device | str, dtype: torch.dtype, head_dim: int, key: str = "attention_backend") -> None:
+    """Raise `AttentionUnavailable` naming `key` unless `backend` passes the probe here (auto and sdpa always do)."""
+    check_backend(backend)
+    if backend in ("auto", "sdpa"):
+        return
+    reason = probe(backend, device, dtype, head_dim)
+    if reason:
+        install = " or install xformers and torch from one index (pip install 'unizoo[xformers]', README: On a GPU)" if backend == "xformers" else ""
+        raise AttentionUnavailable(
+            f"{key}={backend} cannot run on {torch.device(device)} in {str(dtype).removeprefix('torch.')}: {reason}. "
+            f"Use {key}=auto (it falls back to sdpa where {backend} cannot run) or sdpa{install}."
+        )
 
 
 # Run by torch.compile at trace time, its answer a constant of the graph: a logging call
 # (or the import inside the xformers check) traced in the graph would break it at
 # every attention call.
 @torch.compiler.assume_constant_result
-def _auto_choice(device: torch.device, dtype: torch.dtype, query_len: int, key_len: int) -> str:
+def _auto_choice(device: torch.device, dtype: torch.dtype, query_len: int, key_len: int, head_dim: int) -> str:
     """`auto_backend`'s kernel, logged the first time each choice is made."""
-    chosen, reason = auto_backend(device, dtype, query_len, key_len)
-    message = f"attention backend: auto -> {chosen}" + (f" ({reason})" if reason else "")
+    chosen, reason = auto_backend(device, dtype, query_len, key_len, head_dim)
+    message = f"attention backend: auto -> {chosen}" + (f" ({reason}; using {chosen})" if reason else "")
     if message not in _logged_choices:
         _logged_choices.add(message)
         logger.info(message)
@@ -122,9 +249,9 @@ def _resolve(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
     """Map ``backend`` (possibly "auto") to the concrete kernel to run for these queries and keys."""
     check_backend(backend)
     if backend == "auto":
-        return _auto_choice(q.device, q.dtype, q.shape[1], k.shape[1])
+        return _auto_choice(q.device, q.dtype, q.shape[1], k.shape[1], q.shape[-1])
     if backend == "xformers":
-        reason = _xformers_unusable_reason(q.device)
+        reason = _xformers_unusable_reason(q.device)  # its kernel is probed when a model asks for it (require_backend)
         if reason:
             # An explicit request is a promise the benchmark relies on: never fall back silently.
             raise RuntimeError(

@@ -24,7 +24,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import check_backend
+from unizoo.runtime.fabric import loop_device, placement
+from unizoo.runtime.precision import compute_dtype
+
+from .attention import require_backend
 from .dit_blocks import DiTBlock, FinalLayer, TimestepEmbedder
 
 DIT_SIZES = {
@@ -161,8 +164,13 @@ class DiT(nn.Module):
         return self.num_tokens, self.token_dim
 
     def set_attention_backend(self, backend: str) -> None:
-        """Switch the attention kernel of every block (weights unchanged)."""
-        check_backend(backend)
+        """Switch the attention kernel of every block (weights unchanged).
+
+        A kernel named explicitly (not auto or sdpa) is probed on the run's device and dtype first,
+        so a recipe asking for a kernel that cannot run here stops before anything trains.
+        """
+        require_backend(backend, loop_device(), compute_dtype(placement().precision), self.hidden_size // self.num_heads,
+                        key="generator.attention_backend")
         self.attention_backend = backend
         for block in self.blocks:
             block.attn.backend = block.cross_attn.backend = backend

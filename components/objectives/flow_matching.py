@@ -104,14 +104,16 @@ class FlowMatching(nn.Module):
             self._logged_shift = True
         return shift
 
-    def sample_sigmas(self, batch: int, device: torch.device, token_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Training noise levels `(B,)` in (0, 1) for targets of `token_shape` (needed for "auto")."""
+    def sample_sigmas(
+        self, batch: int, device: torch.device, token_shape: tuple[int, ...] | None = None, rng: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Training noise levels `(B,)` in (0, 1) for targets of `token_shape` (needed for "auto"), drawn from `rng`."""
         if self.timestep_sampling == "logit_normal":
             # SD3's logit-normal: more weight on the middle of the path, where the
             # velocity is hardest to predict.
-            sigma = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(batch, device=device))
+            sigma = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(batch, device=device, generator=rng))
         else:
-            sigma = torch.rand(batch, device=device)
+            sigma = torch.rand(batch, device=device, generator=rng)
         return shift_sigmas(sigma, self.shift_for(token_shape))
 
     def velocity(self, output: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, min_sigma: float = 0.0) -> torch.Tensor:
@@ -122,14 +124,18 @@ class FlowMatching(nn.Module):
         s = sigma.clamp_min(min_sigma).view(-1, *([1] * (x_t.dim() - 1))).to(output.dtype)
         return (x_t - output) / s
 
-    def loss(self, generator: nn.Module, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Mean squared error of the predicted velocity; `x0` target tokens `(B, N, C)`, cond `(B, Q, D)`."""
+    def loss(self, generator: nn.Module, x0: torch.Tensor, cond: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
+        """Mean squared error of the predicted velocity; `x0` target tokens `(B, N, C)`, cond `(B, Q, D)`.
+
+        The noise, noise levels and condition dropout are drawn from `rng` (the training step's own
+        generator, on `x0`'s device; None: the global one).
+        """
         batch = x0.shape[0]
-        noise = torch.randn_like(x0)
-        sigma = self.sample_sigmas(batch, x0.device, tuple(x0.shape[1:]))
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=rng)
+        sigma = self.sample_sigmas(batch, x0.device, tuple(x0.shape[1:]), rng)
         s = sigma.view(batch, *([1] * (x0.dim() - 1))).to(x0.dtype)
         x_t = s * noise + (1 - s) * x0
-        drop = torch.rand(batch, device=x0.device) < self.condition_dropout
+        drop = torch.rand(batch, device=x0.device, generator=rng) < self.condition_dropout
         output = generator(x_t, sigma, generator.drop_condition(cond, drop))
         return F.mse_loss(self.velocity(output.float(), x_t.float(), sigma, MIN_PREDICTION_SIGMA), (noise - x0).float())
 

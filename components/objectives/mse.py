@@ -79,11 +79,11 @@ class MSERegression(nn.Module):
         t = torch.full((batch,), REGRESSION_TIME, device=device)
         return x, t
 
-    def loss(self, generator: nn.Module, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def loss(self, generator: nn.Module, x0: torch.Tensor, cond: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
         """Regression loss of the one-pass prediction; `x0` target tokens `(B, N, C)`, cond `(B, Q, D)`."""
         batch = x0.shape[0]
         x, t = self.inputs(batch, tuple(x0.shape[1:]), x0.device, x0.dtype)
-        drop = torch.rand(batch, device=x0.device) < self.condition_dropout
+        drop = torch.rand(batch, device=x0.device, generator=rng) < self.condition_dropout  # rng: the step's generator
         prediction = generator(x, t, generator.drop_condition(cond, drop))
         return regression_loss(prediction, x0, self.loss_kind)
 

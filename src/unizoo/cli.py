@@ -8,7 +8,9 @@
     unizoo caption RUN_DIR IMAGE [IMAGE ...]
     unizoo shards FOLDER OUT [--samples-per-shard N]
     unizoo study [STUDY] [--select AXIS=A,B] [--seeds N] [--jobs N] [--out DIR] [--launcher local|slurm]
-    unizoo bench [attention|peer|all] [--quick] [...]   (from a source checkout)
+    unizoo bench [attention|peer|loop|all] [--quick] [...]   (from a source checkout)
+    unizoo env                                  (versions, devices and what unizoo chooses here: for bug reports)
+    unizoo --version
 
 Mistakes in a recipe, a path or an argument exit with status 2 and one paragraph
 saying what was wrong and what would be valid; never a traceback.
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from hydra.errors import InstantiationException
 
+from unizoo import __version__
 from unizoo.config.composition import compose_recipe, split_recipe_override
 from unizoo.data.errors import DataError
 from unizoo.errors import RecipeError, UsageError
@@ -159,8 +162,16 @@ def command_bench(args: argparse.Namespace) -> int:
     return bench_main(args.arguments)
 
 
+def command_env(args: argparse.Namespace) -> int:
+    from unizoo.environment import describe_environment
+
+    print(describe_environment())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unizoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"unizoo {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a recipe end to end and write a run directory")
@@ -207,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     study = commands.add_parser("study", help="train a grid of recipes (recipes/studies/), one job per variant, and compare them")
     add_study_arguments(study)
     study.set_defaults(run=command_study)
+
+    env = commands.add_parser("env", help="versions, devices and what auto chooses here (attention kernel, trainer): paste it into a bug report")
+    env.set_defaults(run=command_env)
 
     bench = commands.add_parser("bench", help="throughput benchmarks (python -m benchmarks.run --help lists the options)")
     bench.add_argument("arguments", nargs=argparse.REMAINDER, help="[attention|peer|all] [--quick] [--out DIR] ...")

@@ -95,6 +95,9 @@ class UnifiedModel(L.LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
         self.stage: Stage | None = None
+        # The training step's own random stream (noise, noise levels, condition dropout), set per step
+        # by the run's seeding callback (unizoo.training.step_seeds); None: the global generator.
+        self.step_rng: torch.Generator | None = None
 
     # ------------------------------------------------------------------ stages
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -134,7 +137,7 @@ class UnifiedModel(L.LightningModule):
         # not a branch on the representation.
         targets = batch["target"] if "target" in batch else self.representation.encode(batch["image"])
         condition = self.backbone.condition(batch["caption"])
-        return self.objective.loss(self.generator, targets, condition)
+        return self.objective.loss(self.generator, targets, condition, rng=self.step_rng)
 
     def understanding_loss(self, batch: Batch) -> torch.Tensor:
         """Image -> text: the backbone's next-token loss on the caption given the image."""
@@ -152,8 +155,10 @@ class UnifiedModel(L.LightningModule):
         losses = self.stage_losses(batch)
         total = sum(self.stage.losses[name] * value for name, value in losses.items())
         size = len(batch["caption"])
-        self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True, batch_size=size)
-        self.log("train/loss", total, batch_size=size)
+        # Logged as tensors: read on the host only every trainer.log_every_n_steps (and by the
+        # progress display every so often), never per step, so the step does not wait for the device.
+        self.log_dict({f"train/{name}": value.detach() for name, value in losses.items()}, batch_size=size)
+        self.log("train/loss", total.detach(), batch_size=size)
         return total
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -163,6 +168,19 @@ class UnifiedModel(L.LightningModule):
     def configure_model(self) -> None:
         # trainer=fsdp (ModelParallelStrategy) hands over a device mesh; other trainers none.
         shard(self, self.device_mesh)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimiser (it unscales fp16
+        # gradients itself), bf16 included, where nothing is scaled. Without a gradient scaler the
+        # gradients are the true ones: clip them here, by norm as the trainer asks, on the device.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None or not gradient_clip_val or gradient_clip_algorithm not in (None, "norm"):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]

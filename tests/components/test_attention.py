@@ -1,6 +1,8 @@
 """attention(): every backend agrees with the fp32 reference, masks and layout included."""
 
 import logging
+import sys
+import types
 
 import pytest
 import torch
@@ -8,6 +10,8 @@ import torch.nn.functional as F
 
 from unizoo.components.generators import attention as attn_mod
 from unizoo.components.generators.attention import BACKENDS, attention
+from unizoo.components.generators.dit import dit
+from unizoo.errors import RecipeError
 
 # (B, Mq, Mk, H, K): self-attention (Mq == Mk) and cross-attention, Mk not a multiple of 8.
 SHAPES = [(2, 16, 16, 4, 8), (3, 10, 10, 2, 16), (2, 7, 13, 3, 8), (1, 32, 5, 1, 4)]
@@ -172,8 +176,79 @@ def test_auto_picks_xformers_when_usable(fake_xformers, caplog):
     caplog.set_level(logging.INFO, logger="unizoo.attention")
     q, k, v = _qkv(1, 4, 4, 1, 8)
     attention(q, k, v, backend="auto")
-    assert len(fake_xformers) == 1
+    attention(q, k, v, backend="auto")
+    # One probe (a masked forward, held to sdpa), then the two calls: the probe is not repeated.
+    assert len(fake_xformers) == 3 and fake_xformers[0] is not None and fake_xformers[1:] == [None, None]
     assert "auto -> xformers" in caplog.text
+
+
+class _BrokenXformers(types.ModuleType):
+    """An installed xformers whose kernels did not load: what a wheel built for another torch gives."""
+
+    def __init__(self) -> None:
+        super().__init__("xformers")
+        self.__version__ = "0.0.35"
+        build = types.SimpleNamespace(torch_version="2.10.0+cu128")
+        self._cpp_lib = types.SimpleNamespace(_cpp_library_load_exception=types.SimpleNamespace(build_info=build))
+
+
+def _raising_op(*args, **kwargs):
+    raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs: ...")
+
+
+@pytest.fixture
+def broken_xformers(monkeypatch):
+    """xformers imports and its tensors are on a device it claims, but its op raises as a mismatched wheel's does."""
+    monkeypatch.setitem(sys.modules, "xformers", _BrokenXformers())
+    monkeypatch.setattr(attn_mod, "_xformers_op", lambda: _raising_op)
+    monkeypatch.setattr(attn_mod, "_xformers_unusable_reason", lambda device: None)
+
+
+def test_auto_falls_back_to_sdpa_when_the_xformers_kernel_raises(broken_xformers, caplog):
+    caplog.set_level(logging.INFO, logger="unizoo.attention")
+    q, k, v = _qkv(2, 6, 5, 2, 8, seed=7)
+    mask = _mask(2, 5, seed=7)
+    out = attention(q, k, v, mask, backend="auto")
+    torch.testing.assert_close(out, attention(q, k, v, mask, backend="sdpa"), atol=0, rtol=0)
+    expected = (f"attention backend: auto -> sdpa (xformers 0.0.35 cannot run here: its kernels did not load "
+                f"(built for torch 2.10.0+cu128, this is {torch.__version__}); using sdpa)")
+    assert [r.getMessage() for r in caplog.records if r.name == "unizoo.attention"] == [expected]
+
+
+def test_auto_falls_back_to_sdpa_when_the_xformers_kernel_is_wrong(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="unizoo.attention")
+    calls = []
+
+    def off_by_a_tenth(q, k, v, attn_bias=None):
+        return _fake_xformers_op(calls)(q, k, v, attn_bias) * 1.1
+
+    monkeypatch.setattr(attn_mod, "_xformers_op", lambda: off_by_a_tenth)
+    monkeypatch.setattr(attn_mod, "_xformers_unusable_reason", lambda device: None)
+    q, k, v = _qkv(1, 4, 4, 1, 8)
+    out = attention(q, k, v, backend="auto")
+    assert len(calls) == 1  # the probe's; the call itself ran sdpa
+    torch.testing.assert_close(out, attention(q, k, v, backend="sdpa"), atol=0, rtol=0)
+    message = caplog.records[-1].getMessage()
+    assert message.startswith("attention backend: auto -> sdpa (xformers returns wrong numbers here: its output or gradients differ from sdpa's by up to ")
+    assert message.endswith(" of their scale in float32 (tolerance 0.005); using sdpa)")
+
+
+def test_the_probe_runs_once_per_device_dtype_and_head_dim(fake_xformers):
+    for head_dim, dtype in ((8, torch.float32), (8, torch.float32), (16, torch.float32), (8, torch.float64)):
+        assert attn_mod.probe("xformers", "cpu", dtype, head_dim) is None
+    assert len(fake_xformers) == 3
+
+
+def test_explicit_xformers_is_refused_when_the_model_is_built(broken_xformers):
+    with pytest.raises(attn_mod.AttentionUnavailable) as refused:
+        dit("tiny", token_dim=4, num_tokens=16, condition_dim=8, attention_backend="xformers")
+    assert str(refused.value) == (
+        "generator.attention_backend=xformers cannot run on cpu in float32: xformers 0.0.35 cannot run here: its kernels "
+        f"did not load (built for torch 2.10.0+cu128, this is {torch.__version__}). Use generator.attention_backend=auto "
+        "(it falls back to sdpa where xformers cannot run) or sdpa or install xformers and torch from one index "
+        "(pip install 'unizoo[xformers]', README: On a GPU)."
+    )
+    assert isinstance(refused.value, RecipeError)  # the CLI's exit status 2, one paragraph
 
 
 def test_auto_picks_sdpa_on_cpu_and_logs_once(monkeypatch, caplog):
@@ -195,6 +270,8 @@ def test_auto_picks_gemm_for_bf16_on_cpu_up_to_a_size(monkeypatch, caplog):
     kernels = {name: (lambda name: lambda q, *a: called.append(name) or q)(name) for name in attn_mod._KERNELS}
     monkeypatch.setattr(attn_mod, "_KERNELS", kernels)
     monkeypatch.setattr(attn_mod, "GEMM_MAX_SCORES", 64 * 64)
+    # The choice by size and dtype alone: the stand-in kernels are not held to sdpa here (the probe tests are).
+    monkeypatch.setattr(attn_mod, "probe", lambda backend, *args: None if backend == "gemm" else "xformers not installed")
     for dtype, M in ((torch.bfloat16, 64), (torch.float32, 64), (torch.bfloat16, 65)):
         attention(*_qkv(1, M, M, 1, 8, dtype=dtype), backend="auto")
     assert called == ["gemm", "sdpa", "sdpa"]

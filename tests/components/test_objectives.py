@@ -143,7 +143,7 @@ def test_x0_prediction_loss_is_the_velocity_mse_of_the_implied_velocity():
     assert torch.allclose(loss, ((implied - (noise - x0)) ** 2).mean(), rtol=1e-5)
     # A perfect x0 prediction has zero loss wherever sigma is above the clip.
     perfect = FlowMatching(timestep_sampling="uniform", condition_dropout=0.0, prediction="x0")
-    perfect.sample_sigmas = lambda batch, device, shape=None: torch.full((batch,), 0.5)
+    perfect.sample_sigmas = lambda batch, device, shape=None, rng=None: torch.full((batch,), 0.5)
     assert perfect.loss(ConstantData(x0), x0, torch.zeros(64, 1, 3)).item() == pytest.approx(0.0, abs=1e-10)
 
 

@@ -132,4 +132,4 @@ def test_the_recipes_own_top_level_values_are_checked():
     with pytest.raises(RecipeTypeError) as error:
         check_recipe_types(compose_recipe("default", ["progress_interval=often", "evaluation.prompts=all"]))
     assert str(error.value) == ("progress_interval must be a number (seconds), got 'often'; "
-                                "evaluation.prompts must be an integer, got 'all'.")
+                                "evaluation.prompts must be an integer of at least 1, got 'all'.")

@@ -11,6 +11,8 @@ Conventions a component can use in its annotations (nothing else is needed):
 
 - `Annotated[int, "32 or 64 for the shapes data"]`: a string in `Annotated` is a hint
   shown in parentheses after the type.
+- `Annotated[int, AtLeast(1)]`: a number with a floor (a batch of 0 images, -1 prompts
+  would only fail minutes later, after pretraining).
 - `Annotated[dict[str, Any] | None, ArgumentsOf(fn)]`: a dict-valued argument that holds
   the keyword arguments of another callable (a pretraining dict spread into a training
   function, a decoder's generator arguments); its keys are checked against `fn`.
@@ -59,9 +61,21 @@ class ArgumentsOf:
         object.__setattr__(self, "hints", tuple(hints.items()))
 
 
+@dataclasses.dataclass(frozen=True)
+class AtLeast:
+    """`Annotated` metadata: the number must be at least `minimum`."""
+
+    minimum: float
+
+    def allows(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True  # the type check reports a non-number; null is the annotation's business
+        return value >= self.minimum
+
+
 class EvaluationSettings(TypedDict, total=False):
-    prompts: int
-    captions: int
+    prompts: Annotated[int, AtLeast(1)]
+    captions: Annotated[int, AtLeast(1)]
     steps: int | None
     guidance: float | None
     seed: int
@@ -233,7 +247,7 @@ def _fits(value: Any, expected: Any) -> bool:
         return True
     origin, args = get_origin(expected), get_args(expected)
     if origin is Annotated:
-        return _fits(value, args[0])
+        return _fits(value, args[0]) and all(meta.allows(value) for meta in args[1:] if isinstance(meta, AtLeast))
     if origin in (Union, types.UnionType):
         return any(_fits(value, option) for option in args)
     if origin is Literal:
@@ -286,7 +300,8 @@ def describe(expected: Any) -> str:
     """`int | None` -> 'an integer or null'; what a recipe author reads in the error."""
     origin, args = get_origin(expected), get_args(expected)
     if origin is Annotated:
-        return describe(args[0])
+        floors = [meta.minimum for meta in args[1:] if isinstance(meta, AtLeast)]
+        return describe(args[0]) + (f" of at least {floors[0]:g}" if floors else "")
     if origin in (Union, types.UnionType) or origin is Literal:
         options = _flatten(expected)
         literals = [o for o in options if not isinstance(o, type) and get_origin(o) is None and o is not None]

@@ -7,17 +7,19 @@ no storage, identical across processes, workers and runs.
 from __future__ import annotations
 
 import inspect
-from typing import Annotated
+from typing import Annotated, Literal
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from unizoo.config.recipe_types import AtLeast
 from unizoo.data import captions
 from unizoo.data.sampler import ResumableSampler, batches_trained
 from unizoo.data.scene import Scene
 from unizoo.data.shapes import draw_scene, sample_scene
+from unizoo.runtime.accelerator import AUTO_WORKERS, loader_options
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 
@@ -55,12 +57,12 @@ class ShapesDataModule(L.LightningDataModule):
     def __init__(
         self,
         image_size: Annotated[int, "32 or 64 for the shapes data"] = 32,
-        batch_size: int = 64,
+        batch_size: Annotated[int, AtLeast(1)] = 64,
         train_size: int = 50_000,
         val_size: int = 1_000,
         test_size: int = 1_000,
         seed: int = 0,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         # Hand Lightning our frame (never bound to a local, which its f_locals snapshot would capture):
@@ -97,9 +99,9 @@ class ShapesDataModule(L.LightningDataModule):
             sampler=sampler,
             drop_last=train,
             generator=generator,
-            num_workers=self.num_workers,
-            # Worker start-up costs more than drawing a batch, so keep workers alive between epochs.
-            persistent_workers=self.num_workers > 0,
+            # num_workers: auto gives the training loader workers where the run is on a GPU; the val split
+            # is read a few dozen items at a time, where starting workers would cost more than it saves.
+            **loader_options(self.num_workers if train or self.num_workers != AUTO_WORKERS else 0),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -19,11 +19,12 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from unizoo.config.recipe_types import AtLeast
 from unizoo.data.image_files import DECODE_ERRORS, header_problem, load_square
 from unizoo.data.loaders import map_style_loader
 from unizoo.data.skips import (
@@ -152,13 +153,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         self,
         path: Annotated[str | None, "the image folder, holding metadata.jsonl"] = None,
         image_size: int = 32,
-        batch_size: int = 64,
+        batch_size: Annotated[int, AtLeast(1)] = 64,
         val_fraction: Annotated[float, "between 0 and 1"] = 0.1,
         val_path: str | None = None,
         caption_key: str = "text",
         vocabulary_size: int | None = 8192,
         seed: int = 0,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(frame=inspect.currentframe())  # see ShapesDataModule for why the frame

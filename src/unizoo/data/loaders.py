@@ -6,9 +6,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from unizoo.data.sampler import ResumableSampler, batches_trained
+from unizoo.runtime.accelerator import AUTO_WORKERS, loader_options
 
 
-def map_style_loader(dataset: Dataset, batch_size: int, seed: int, train: bool, num_workers: int, trainer=None) -> DataLoader:
+def map_style_loader(dataset: Dataset, batch_size: int, seed: int, train: bool, num_workers: int | str, trainer=None) -> DataLoader:
     """Shuffled, rank-sharded and resumable for training (as the shapes data's); in order otherwise."""
     sampler, generator = None, None
     if train:
@@ -21,6 +22,6 @@ def map_style_loader(dataset: Dataset, batch_size: int, seed: int, train: bool, 
         sampler=sampler,
         drop_last=train,
         generator=generator,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        # num_workers: auto gives workers to training on a GPU; the val split is then read in place.
+        **loader_options(num_workers if train or num_workers != AUTO_WORKERS else 0),
     )

@@ -17,17 +17,20 @@ import logging
 import random
 from itertools import count, islice
 from pathlib import Path
+from typing import Annotated, Literal
 
 import lightning as L
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from unizoo.config.recipe_types import AtLeast
 from unizoo.data.image_files import DECODE_ERRORS, load_square
 from unizoo.data.sampler import process_rank_and_count
 from unizoo.data.skips import (
     EMPTY_FILE, INVALID_JSON, NO_CAPTION, NO_IMAGE_FIELD, UNDECODABLE, DataError, describe_skipped, merge_counts,
 )
+from unizoo.runtime.accelerator import loader_options
 from unizoo.text import caption_words
 
 log = logging.getLogger(__name__)
@@ -183,11 +186,11 @@ class WebDataModule(L.LightningDataModule):
         urls: str | list[str] | None = None,
         val_urls: str | list[str] | None = None,
         image_size: int = 32,
-        batch_size: int = 64,
+        batch_size: Annotated[int, AtLeast(1)] = 64,
         shuffle_buffer: int = 1000,
         vocabulary_size: int | None = 8192,
         seed: int = 0,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(frame=inspect.currentframe())  # see ShapesDataModule for why the frame
@@ -224,8 +227,7 @@ class WebDataModule(L.LightningDataModule):
         return ShardStream(self.shards, self.image_size, self.shuffle_buffer, self.seed, rank, world, True, self.skips)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_stream(), batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=True)
+        return DataLoader(self.train_stream(), batch_size=self.batch_size, drop_last=True, **loader_options(self.num_workers))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset("val"), batch_size=self.batch_size, shuffle=False)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from unizoo.runtime.fabric import loop_device
+
 BF16 = "bf16-mixed"
 FP32 = "32-true"
 
@@ -41,7 +43,19 @@ def describe_precision(trainer: DictConfig) -> str:
     chosen = trainer.precision
     if not OmegaConf.is_interpolation(trainer, "precision"):
         return f"precision {chosen}, as the recipe sets it"
+    device = loop_device(str(trainer.accelerator)).type  # what `auto` became here
+    device = "GPU" if device == "cuda" else device
     if chosen == BF16:
-        return (f"precision {chosen}, because this {trainer.accelerator} computes bf16 natively "
+        return (f"precision {chosen}, because this {device} computes bf16 natively "
                 f"(trainer.precision={FP32} trains in fp32)")
-    return f"precision {chosen}, because this {trainer.accelerator} has no native bf16 (autocast would emulate it, slower)"
+    return f"precision {chosen}, because this {device} has no native bf16 (autocast would emulate it, slower)"
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype a Lightning precision setting computes matrix products in: bf16 / fp16 under mixed or true half precision."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32

@@ -23,7 +23,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 # Its own outputs (stdout and train.log), not the `unizoo` logger's: those go to stderr,
 # and the lines belong where the bar would have been drawn.
@@ -193,3 +193,16 @@ class LoopProgress:
             if self.step_count < self.total:
                 parts.append(f"{duration((self.total - self.step_count) * elapsed / self.step_count)} left")
         return ", ".join(parts)
+
+
+class LossBar(TQDMProgressBar):
+    """Lightning's bar for a terminal, redrawn every `refresh_rate` steps with the loss terms.
+
+    The losses are logged without `prog_bar` (Lightning would convert them to numbers, a wait for
+    the device, after every step); the bar reads them from the callback metrics only when it redraws.
+    """
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        losses = {key.removeprefix("train/"): value for key, value in trainer.callback_metrics.items() if key.startswith("train/")}
+        return {**metrics, **{name: f"{float(value):.4f}" for name, value in losses.items()}}

@@ -31,6 +31,7 @@ from unizoo.config.recipe_types import check_recipe_types
 from unizoo.data.target_shards import TargetShards, check_signature, read_manifest, targets_signature, write_shards
 from unizoo.data.with_targets import indexable_train_set
 from unizoo.errors import RecipeError
+from unizoo.runtime.accelerator import loader_workers
 from unizoo.runtime.fabric import loops_on
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def cache_targets(recipe: DictConfig, items_per_shard: int = 4096, batch_size: i
     representation.to(target).eval()
     dataset = indexable_train_set(datamodule, f"cache-targets targets={directory}")
     batches = encoded_batches(representation, dataset, batch_size or recipe.data.batch_size,
-                              OmegaConf.select(recipe, "data.num_workers", default=0) or 0, target, progress)
+                              loader_workers(OmegaConf.select(recipe, "data.num_workers", default=0) or 0), target, progress)
     manifest = write_shards(directory, signature, batches, len(dataset), items_per_shard)
     log.info(
         "targets: cached all %d items of the training split (data.train_size=%s%s) as %s %s tokens in %d shard(s), "

@@ -32,8 +32,12 @@ def warmed_up_decay(decay: float, updates: int) -> float:
     return min(decay, (1 + updates) / (10 + updates))
 
 
-def _ema_update(decay: float, averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
-    """`AveragedModel`'s multi_avg_fn: averaged <- averaged + (1 - d) * (current - averaged), many tensors at once."""
+def _ema_update(decay: float, averaged: list[torch.Tensor], current: list[torch.Tensor], updates: int | torch.Tensor) -> None:
+    """`AveragedModel`'s multi_avg_fn: averaged <- averaged + (1 - d) * (current - averaged), many tensors at once.
+
+    `updates` is how many updates came before: a host integer from `update_average` (a tensor
+    from `AveragedModel.update_parameters`, which reads it on the host).
+    """
     weight = 1.0 - warmed_up_decay(decay, int(updates))
     # One call per kind: under trainer=fsdp parameters are sharded DTensors and buffers plain
     # tensors, which one foreach call cannot mix.
@@ -122,18 +126,42 @@ def scores_with_and_without_ema(model: nn.Module, score: Callable[[str], dict[st
         return {"generation": score(""), "generation_raw": raw}
 
 
+def update_average(model: nn.Module, updates: int) -> None:
+    """One EMA update of `model.generator_ema` towards `model.generator`, after `updates` earlier ones.
+
+    What `AveragedModel.update_parameters` does (the first update copies, later ones average),
+    with the count kept on the host: that method reads `n_averaged` from the device twice per
+    call, which makes every training step wait for the device to finish.
+    """
+    average = generator_ema(model)
+    averaged = [t.detach() for t in _tensors(average.module)]
+    current = [t.detach() for t in _tensors(model.generator)]
+    if updates == 0:
+        with torch.no_grad():
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(c)
+    else:
+        average.multi_avg_fn(averaged, current, updates)
+    average.n_averaged.add_(1)  # on the device; checkpoints carry it
+
+
 class GeneratorEMA(L.Callback):
     """Updates `model.generator_ema` after each optimiser step (add it to stages that train the generator)."""
 
     def __init__(self) -> None:
         self._updated_at: int | None = None
+        self._updates = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._updated_at = trainer.global_step  # restored on resume: that step's update is in the checkpoint
+        average = generator_ema(pl_module)
+        # The one host read of the count per stage (a resumed or second stage continues the average).
+        self._updates = int(average.n_averaged) if average is not None else 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         average = generator_ema(pl_module)
         # Accumulating batches end without a step: update once per optimiser step.
         if average is not None and trainer.global_step != self._updated_at:
-            average.update_parameters(pl_module.generator)
+            update_average(pl_module, self._updates)
+            self._updates += 1
             self._updated_at = trainer.global_step

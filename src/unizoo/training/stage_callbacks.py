@@ -1,4 +1,4 @@
-"""The callbacks every training stage runs with, from the recipe: what makes a run survive.
+"""The Trainer of a stage and the callbacks every stage runs with, from the recipe: what makes a run survive.
 
 * periodic, atomic checkpoints (`checkpoint.every_n_steps`), which `resume=` restarts from,
   with the loss logs written up to them;
@@ -13,10 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from unizoo.components.strategies.stages import Stage
 from unizoo.errors import RecipeError
+from unizoo.runtime.progress import LossBar, PlainProgress
 from unizoo.training.checkpoints import AtomicCheckpointIO, periodic_checkpoint, readable
 from unizoo.training.ema import GeneratorEMA
 from unizoo.training.faults import check_debug, fault_injection
@@ -53,6 +55,26 @@ def check_stage_settings(recipe: DictConfig, stages: list[Stage]) -> None:
 
 def trainer_plugins() -> list:
     return [AtomicCheckpointIO()]
+
+
+def progress_callbacks(recipe: DictConfig, stage: Stage, run_dir: Path) -> list[L.Callback]:
+    """Plain progress lines where the output is not a terminal; on a terminal, a bar that reads the losses only when it redraws."""
+    callbacks: list[L.Callback] = [PlainProgress(stage.name, recipe.progress_interval, Path(run_dir) / "train.log")]
+    if OmegaConf.select(recipe, "trainer.enable_progress_bar", default=True) is not False:
+        callbacks.append(LossBar(refresh_rate=max(1, int(OmegaConf.select(recipe, "trainer.log_every_n_steps", default=25)))))
+    return callbacks
+
+
+def stage_trainer(recipe: DictConfig, stage: Stage, stages: list[Stage], run_dir: Path, logger, callbacks=()) -> L.Trainer:
+    """The Trainer of one stage: the recipe's trainer settings, the stage's length, and every stage's callbacks plus `callbacks`."""
+    return instantiate(
+        recipe.trainer,
+        max_steps=stage.steps,
+        default_root_dir=str(run_dir),
+        logger=logger,
+        callbacks=[*stage_callbacks(recipe, stage, stages, run_dir), *progress_callbacks(recipe, stage, run_dir), *callbacks],
+        plugins=trainer_plugins(),
+    )
 
 
 def _earlier_checkpoint(recipe: DictConfig, stage: Stage, stages: list[Stage], run_dir: Path) -> Path | None:

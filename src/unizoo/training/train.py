@@ -23,9 +23,9 @@ from unizoo.eval.generation_evaluator import generation_evaluator, headline_scor
 from unizoo.eval.periodic_evaluation import EvaluationCurve
 from unizoo.eval.sample_statistics import sample_statistics
 from unizoo.model import UnifiedModel
+from unizoo.runtime.accelerator import check_trainer_settings, describe_accelerator, use_tensor_cores
 from unizoo.runtime.fabric import loops_on, on_loop_device
 from unizoo.runtime.precision import describe_precision
-from unizoo.runtime.progress import PlainProgress
 from unizoo.text.unknown_words import warn_unknown_words
 from unizoo.training.build import build_model
 from unizoo.training.ema import ema_weights, has_updates, load_weights, scores_with_and_without_ema
@@ -34,7 +34,7 @@ from unizoo.training.resume import fresh_plan, resume_plan
 from unizoo.training.run_loggers import logger_factory
 from unizoo.training.runs import RECIPE_FILE, TOKENIZER_DIR, read_metrics, run_vocabulary, stage_checkpoint, write_metrics
 from unizoo.training.sharding import model_to_fit, take_trained_weights
-from unizoo.training.stage_callbacks import check_stage_settings, stage_callbacks, trainer_plugins
+from unizoo.training.stage_callbacks import check_stage_settings, stage_trainer
 from unizoo.training.stage_weights import groups_only_later_stages_train, state_for_later_stages
 from unizoo.training.throughput import stage_throughput
 
@@ -51,8 +51,17 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
 
     `resume`: `run_dir` is an interrupted run of `recipe`; continue it (see unizoo.training.resume).
     """
+    # What trains outside a stage's Trainer (the tiny VAE, CLIP, pixel decoder: unizoo.runtime.fabric)
+    # runs on the trainer's accelerator too, `precision: auto` there means the trainer's, and an
+    # attention kernel the recipe names is probed on that device and dtype when the model is built.
+    with loops_on(recipe.trainer.accelerator, recipe.trainer.precision):
+        return _train(recipe, run_dir, resume)
+
+
+def _train(recipe: DictConfig, run_dir: Path | None, resume: bool) -> Path:
     started = time.perf_counter()
     check_recipe_types(recipe)  # a wrong-typed value is named before anything is built
+    check_trainer_settings(recipe.trainer.accelerator, recipe.trainer.devices)  # a GPU that is not there, 0 devices
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     # Build first: a recipe that does not build leaves no empty run directory behind.
     datamodule = instantiate(recipe.data, _convert_="all")
@@ -73,10 +82,6 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
     handler = _log_to_file(run_dir / "train.log") if primary else logging.NullHandler()
     unshare_run_dir = share_run_dir(run_dir)
     evaluation_log = None
-    # What trains outside a stage's Trainer (the tiny VAE, CLIP, pixel decoder; unizoo.runtime.fabric)
-    # runs on the trainer's accelerator too, and `precision: auto` there means the trainer's.
-    placement = contextlib.ExitStack()
-    placement.enter_context(loops_on(recipe.trainer.accelerator, recipe.trainer.precision))
     try:
         log.info("run directory: %s", run_dir)
 
@@ -86,7 +91,9 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
             _load_weights(model, recipe.init_checkpoint, groups_only_later_stages_train(strategy.stages, stages))
         if primary:
             model.backbone.save_tokenizer(run_dir / TOKENIZER_DIR)
-        log.info("trainer: %s", describe_precision(recipe.trainer))
+        log.info("trainer: %s, %s", describe_accelerator(recipe.trainer.accelerator), describe_precision(recipe.trainer))
+        if tensor_cores := use_tensor_cores(recipe.trainer.precision):
+            log.info("trainer: %s", tensor_cores)
         log.info("strategy %s: %s", strategy.name, ", ".join(f"{s.name} ({s.steps} steps)" for s in stages))
 
         evaluator = generation_evaluator(recipe, datamodule)  # exact (shapes), caption-image agreement, or both
@@ -119,19 +126,8 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
             model.set_stage(stage)
             stage_started = time.perf_counter()
             if part.train:
-                trainer = instantiate(
-                    recipe.trainer,
-                    max_steps=stage.steps,
-                    default_root_dir=str(run_dir),
-                    logger=make_logger(run_dir, stage.name),
-                    callbacks=[
-                        *stage_callbacks(recipe, stage, stages, run_dir),
-                        PlainProgress(stage.name, recipe.progress_interval, run_dir / "train.log"),  # when output is not a terminal
-                        *curve.callbacks(stage.name, recipe.evaluation.get("every_n_steps")),
-                        SkippedSamplesLog(),
-                    ],
-                    plugins=trainer_plugins(),
-                )
+                trainer = stage_trainer(recipe, stage, stages, run_dir, make_logger(run_dir, stage.name),
+                                        [*curve.callbacks(stage.name, recipe.evaluation.get("every_n_steps")), SkippedSamplesLog()])
                 fitted = model_to_fit(model, trainer)  # a copy where the trainer shards it (trainer=fsdp)
                 curve.start_stage(stage.name)
                 trainer.fit(fitted, datamodule=datamodule, ckpt_path=part.resume_from)
@@ -156,7 +152,6 @@ def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False)
         log.info("done in %.0f s: %s", metrics["seconds_total"], run_dir)
         return run_dir
     finally:
-        placement.close()
         if evaluation_log is not None:
             evaluation_log.close()
         # Runs in one process (tests, a study runner) must not log into each other's files.

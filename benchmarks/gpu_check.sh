@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU check: unizoo end to end on one CUDA GPU in at most 8 minutes, results committed under
+# benchmarks/results/cuda-<gpu>/ (README, "On a GPU").
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root, with unizoo installed (pip install -e .)
+#   OUT=/somewhere bash benchmarks/gpu_check.sh   # write the results elsewhere (default benchmarks/results)
+#
+# Steps, each under its own time limit, each logged to <results>/gpu_check/<step>.log; a step that fails
+# or runs out of time is recorded as such and the next one runs. The last step writes gpu_check.md and
+# gpu_check.json: every step's status and time, and the numbers the GPU lines of the issue ask for
+# (generation images/s, first-run seconds, MFU and the ratio to diffusers at DiT-XL/2).
+#   1. the cuda-marked tests                                                  (60 s)
+#   2. the default `unizoo train` on the GPU from an empty cache, timed       (150 s)
+#   3. the attention backends                                                 (45 s)
+#   4. unizoo vs diffusers' DiT at DiT-S/2, batch 256, bf16, every switch     (75 s)
+#   5. the same at DiT-XL/2                                                   (120 s)
+#   6. the design-space variants at sizes S and XL                            (30 s)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: no CUDA GPU is visible to torch ($(python -c 'import torch; print(torch.__version__)')); nothing to check" >&2
+    exit 2
+fi
+OUT_ROOT="${OUT:-benchmarks/results}"
+MACHINE="$(python -c 'import torch; from benchmarks.report import machine_slug; print(machine_slug(torch.device("cuda")))')"
+RESULTS="$OUT_ROOT/$MACHINE"
+LOGS="$RESULTS/gpu_check"
+mkdir -p "$LOGS"
+STATUS="$LOGS/steps.tsv"
+printf 'step\tstatus\tms\tlimit_s\n' > "$STATUS"
+echo "gpu_check: $MACHINE, results in $RESULTS" >&2
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+    local name="$1" limit="$2"
+    shift 2
+    echo "gpu_check: $name (at most ${limit} s): $*" >&2
+    local started ended rc status
+    started=$(date +%s%N)
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    rc=$?
+    ended=$(date +%s%N)
+    case $rc in
+        0) status=ok ;;
+        124|137) status="timed out" ;;
+        *) status="failed (exit $rc)" ;;
+    esac
+    printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( (ended - started) / 1000000 ))" "$limit" >> "$STATUS"
+    echo "gpu_check: $name: $status" >&2
+}
+
+step tests 60 python -m pytest -q -m cuda -p no:cacheprovider
+
+SCRATCH="$(mktemp -d)"  # an empty cache, and a run directory whose checkpoints stay out of the repository
+step first_run 150 env UNIZOO_CACHE="$SCRATCH/cache" unizoo train trainer.accelerator=gpu "run_dir=$SCRATCH/run" progress_interval=10
+mkdir -p "$LOGS/first_run"
+for kept in metrics.json train.log recipe.yaml samples_generation.png; do
+    [ -f "$SCRATCH/run/$kept" ] && cp "$SCRATCH/run/$kept" "$LOGS/first_run/"
+done
+rm -rf "$SCRATCH"
+
+step attention 45 python -m benchmarks.run attention --device cuda --out "$OUT_ROOT" --repeats 5
+step peer_s 75 python -m benchmarks.run peer --device cuda --peer-parts dit --peer-size S --batch 256 \
+    --repeats 5 --warmup 2 --loss-steps 5 --row-time-limit 20 --out "$OUT_ROOT"
+step peer_xl 120 python -m benchmarks.run peer --device cuda --peer-parts dit --peer-size XL --batch 256 \
+    --repeats 5 --warmup 2 --loss-steps 5 --row-time-limit 30 --out "$OUT_ROOT"
+step variants 30 python -m benchmarks.run variants --device cuda --sizes S XL --batch 64 --repeats 3 --warmup 1 --out "$OUT_ROOT"
+
+python -m benchmarks.gpu_summary "$RESULTS"

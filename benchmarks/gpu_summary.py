@@ -1,0 +1,111 @@
+"""`python -m benchmarks.gpu_summary RESULTS_DIR`: the GPU check's verdict, from what `benchmarks/gpu_check.sh` wrote.
+
+Reads `gpu_check/steps.tsv` (each step's status and time), the first run's `metrics.json` and the
+peer and variants tables in RESULTS_DIR, and writes `gpu_check.md` and `gpu_check.json` beside them:
+every step, and each GPU target of the project with the measured value and whether it holds. A
+number that is missing (its step failed or ran out of time) is reported as missing, never guessed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+from .tables import _table
+
+# The GPU lines of the project's issue 25, checked against an H100/H200-class GPU.
+TARGETS = {
+    "generation_images_per_s": (">=", 10_000, "the default recipe's generation stage, images/s"),
+    "first_run_s": ("<=", 90, "a first `unizoo train` with an empty cache, seconds"),
+    "xl_mfu": (">=", 0.40, "unizoo at DiT-XL/2, batch 256, bf16: MFU of the measured matmul peak"),
+    "xl_ratio": (">=", 1.2, "unizoo at DiT-XL/2 over diffusers' best row (best vs best)"),
+}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def steps(results: Path) -> list[dict]:
+    path = results / "gpu_check" / "steps.tsv"
+    if not path.is_file():
+        return []
+    with path.open() as file:
+        return [{"step": row["step"], "status": row["status"], "seconds": int(row["ms"]) / 1000, "limit_s": int(row["limit_s"])}
+                for row in csv.DictReader(file, delimiter="\t")]
+
+
+def measured(results: Path, step_rows: list[dict]) -> dict:
+    values: dict = {}
+    metrics = _read_json(results / "gpu_check" / "first_run" / "metrics.json")
+    first_run = next((row for row in step_rows if row["step"] == "first_run"), None)
+    if metrics:
+        values["generation_images_per_s"] = metrics.get("training", {}).get("generation", {}).get("images_per_s")
+        values["first_run_train_seconds_total"] = metrics.get("seconds_total")
+        values["first_run_overall"] = metrics.get("generation", {}).get("generation", {}).get("overall")
+    if first_run and first_run["status"] == "ok":
+        values["first_run_s"] = first_run["seconds"]  # the whole command, start-up and pretraining included
+    peer = _read_json(results / "peer_dit_xl.json")
+    if peer and peer.get("best_vs_best"):
+        best = peer["best_vs_best"]
+        values["xl_mfu"] = (best.get("unizoo") or {}).get("mfu")
+        values["xl_ratio"] = best.get("ratio")
+        values["xl_unizoo_best"] = (best.get("unizoo") or {}).get("variant")
+        values["xl_diffusers_best"] = (best.get("peer") or {}).get("variant")
+    return values
+
+
+def verdicts(values: dict) -> list[dict]:
+    rows = []
+    for key, (relation, target, what) in TARGETS.items():
+        value = values.get(key)
+        holds = None if value is None else (value >= target if relation == ">=" else value <= target)
+        rows.append({"target": key, "what": what, "relation": relation, "goal": target, "measured": value, "holds": holds})
+    return rows
+
+
+def summary_markdown(step_rows: list[dict], verdict_rows: list[dict], values: dict, machine: str) -> str:
+    step_table = _table(["step", "status", "seconds", "limit (s)"],
+                        [[r["step"], r["status"], f"{r['seconds']:.1f}", str(r["limit_s"])] for r in step_rows])
+
+    def shown(value) -> str:
+        if value is None:
+            return "missing (its step did not finish)"
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    target_table = _table(["target", "goal", "measured", "holds"],
+                          [[r["what"], f"{r['relation']} {r['goal']:g}", shown(r["measured"]),
+                            "–" if r["holds"] is None else ("yes" if r["holds"] else "**no**")] for r in verdict_rows])
+    extra = [f"- first run's generation score (EMA, 64 prompts): {shown(values.get('first_run_overall'))}",
+             f"- DiT-XL/2 best rows: unizoo `{values.get('xl_unizoo_best')}`, diffusers `{values.get('xl_diffusers_best')}`"]
+    return "\n\n".join([
+        f"### The GPU check on {machine} (`bash benchmarks/gpu_check.sh`)",
+        "Every step ran under its own time limit; logs are in `gpu_check/<step>.log`, tables beside this file "
+        "(`attention.md`, `peer_dit.md`, `peer_dit_xl.md`, `variants.md`).",
+        step_table, target_table, "\n".join(extra),
+    ]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print("usage: python -m benchmarks.gpu_summary RESULTS_DIR (a folder gpu_check.sh wrote)", file=sys.stderr)
+        return 2
+    results = Path(argv[0])
+    step_rows = steps(results)
+    values = measured(results, step_rows)
+    verdict_rows = verdicts(values)
+    (results / "gpu_check.json").write_text(json.dumps({"steps": step_rows, "measured": values, "targets": verdict_rows}, indent=2) + "\n")
+    markdown = summary_markdown(step_rows, verdict_rows, values, results.name)
+    (results / "gpu_check.md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

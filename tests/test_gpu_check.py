@@ -1,0 +1,69 @@
+"""The GPU check runs unattended: without a GPU it says so; its summary reports every step and target, missing ones as missing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package of the repository, not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import gpu_summary  # noqa: E402
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_without_a_gpu_the_check_says_so_and_writes_nothing(tmp_path):
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                            timeout=120, env={**__import__("os").environ, "OUT": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr.startswith("gpu_check: no CUDA GPU is visible to torch")
+    assert not any(tmp_path.iterdir())
+
+
+def _results(tmp_path: Path, first_run_status: str = "ok") -> Path:
+    results = tmp_path / "cuda-nvidia-h200"
+    (results / "gpu_check" / "first_run").mkdir(parents=True)
+    (results / "gpu_check" / "steps.tsv").write_text(
+        "step\tstatus\tms\tlimit_s\n"
+        "tests\tok\t41200\t60\n"
+        f"first_run\t{first_run_status}\t84500\t150\n"
+        "attention\tok\t30100\t45\n"
+        "peer_s\tok\t70000\t75\n"
+        "peer_xl\ttimed out\t120000\t120\n"
+        "variants\tfailed (exit 1)\t9000\t30\n"
+    )
+    metrics = {"seconds_total": 80.1, "training": {"generation": {"images_per_s": 12500.0}},
+               "generation": {"generation": {"overall": 0.55}}}
+    (results / "gpu_check" / "first_run" / "metrics.json").write_text(json.dumps(metrics))
+    return results
+
+
+def test_the_summary_holds_each_measured_target_and_reports_missing_ones(tmp_path, capsys):
+    results = _results(tmp_path)
+    assert gpu_summary.main([str(results)]) == 0
+    summary = json.loads((results / "gpu_check.json").read_text())
+    assert [s["status"] for s in summary["steps"]] == ["ok", "ok", "ok", "ok", "timed out", "failed (exit 1)"]
+    targets = {t["target"]: t for t in summary["targets"]}
+    assert targets["generation_images_per_s"]["measured"] == 12500.0 and targets["generation_images_per_s"]["holds"] is True
+    assert targets["first_run_s"]["measured"] == 84.5 and targets["first_run_s"]["holds"] is True
+    assert targets["xl_mfu"]["measured"] is None and targets["xl_mfu"]["holds"] is None  # its step timed out
+    markdown = (results / "gpu_check.md").read_text()
+    assert "| peer_xl | timed out | 120.0 | 120 |" in markdown
+    assert "| unizoo at DiT-XL/2, batch 256, bf16: MFU of the measured matmul peak | >= 0.4 | missing (its step did not finish) | – |" in markdown
+
+
+def test_a_first_run_that_failed_has_no_time(tmp_path):
+    results = _results(tmp_path, first_run_status="failed (exit 1)")
+    values = gpu_summary.measured(results, gpu_summary.steps(results))
+    assert "first_run_s" not in values  # a failed run's wall time is no first-run time
+    (results / "peer_dit_xl.json").write_text(json.dumps({"best_vs_best": {
+        "unizoo": {"variant": "unizoo bf16+compile+fused", "mfu": 0.31}, "peer": {"variant": "diffusers bf16+compile+fused"},
+        "ratio": 1.25}}))
+    verdicts = {v["target"]: v["holds"] for v in gpu_summary.verdicts(gpu_summary.measured(results, gpu_summary.steps(results)))}
+    assert verdicts == {"generation_images_per_s": True, "first_run_s": None, "xl_mfu": False, "xl_ratio": True}
