@@ -70,6 +70,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "clip_x0_deep_4k": ("clip_x0_deep, 4000 steps",
                         [CLIP, "objective.shift=auto", "representation.normalize=channel", "decoder.training.noise_std=0.5",
                          "objective.prediction=x0", "+generator.depth=8", "strategy.steps=4000"]),
+    # Until the curve is flat (strategy.until_flat): evaluated every 500 steps, stopped once the best of the last
+    # 3 evaluations beats the best before them by less than 0.01, at most 8000 steps.
+    "vae_flat": ("the default recipe, trained until its curve is flat (at most 8000 steps)",
+                 ["strategy.until_flat={window:3,min_gain:0.01,max_steps:8000}", "evaluation.every_n_steps=500"]),
+    "clip_x0_deep_flat": ("clip_x0_deep, trained until its curve is flat (at most 8000 steps)",
+                          [CLIP, "objective.shift=auto", "representation.normalize=channel", "decoder.training.noise_std=0.5",
+                           "objective.prediction=x0", "+generator.depth=8",
+                           "strategy.until_flat={window:3,min_gain:0.01,max_steps:8000}", "evaluation.every_n_steps=500"]),
     # BLIP3-o's sequential training: 1000 understanding steps, then the generator (clip_x0_deep's
     # design; recipes/blip3o.yaml) trains on the frozen LM for a stage 2 of the row's length.
     "blip3o_1500": ("`recipe=blip3o` (sequential): 1000 understanding steps, then clip_x0_deep's generator on the frozen LM, 1500 steps",
@@ -141,9 +149,13 @@ def run_scores(path: Path) -> dict:
         "untrained": metrics["untrained"]["generation"],
         "trained": metrics["generation"]["generation"],
         "seconds": sum(metrics["seconds"].values()),  # every stage: a sequential run's understanding too
-        "steps": generation_steps(OmegaConf.load(path / "recipe.yaml")),
+        # The steps the generator trained: the recipe's, or where a stage trained until flat stopped.
+        "steps": metrics.get("training", {}).get("generation", {}).get("steps") or generation_steps(OmegaConf.load(path / "recipe.yaml")),
         "representation": metrics["representation"],
     }
+    converged = metrics.get("converged", {}).get("generation")
+    if converged:
+        scores["converged"] = f"{converged['state']} at {converged['step']}"
     if "understanding" in metrics.get("understanding", {}):  # a sequential run: its LM's captions, after each stage
         scores["understanding"] = {stage: metrics[stage]["understanding"]["overall"] for stage in ("understanding", "generation")}
     return scores
@@ -266,12 +278,29 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def merged(before: dict, now: dict) -> dict:
+    """`before`'s table with `now`'s rows replacing or joining its own; each row remembers the command that made it."""
+    history = before.get("made_by") or [{"command": before["command"], "commit": before["environment"]["git_commit"],
+                                        "variants": list(before["variants"])}]
+    made_now = {"command": now["command"], "commit": now["environment"]["git_commit"], "variants": list(now["variants"])}
+    history = [{**entry, "variants": [v for v in entry["variants"] if v not in now["variants"]]} for entry in history]
+    result = {**before, "environment": now["environment"], "command": now["command"],
+              "made_by": [entry for entry in history if entry["variants"]] + [made_now],
+              "seeds": sorted({*before.get("seeds", []), *now["seeds"]})}
+    for key in ("variants", "robustness", "sampler"):
+        result[key] = {**before.get(key, {}), **now.get(key, {})}
+    return result
+
+
 def markdown(result: dict) -> str:
     seeds = result["seeds"]
+    made_by = result.get("made_by") or []
     lines = [
         f"<!-- {result['command']} | {result['environment']['device_name']} | torch {result['environment']['torch']} "
         f"| commit {result['environment']['git_commit']} -->",
         "",
+        *([f"Rows {', '.join(f'`{v}`' for v in entry['variants'])}: `{entry['command']}` at commit {entry['commit']}."
+           for entry in made_by] + [""] if len(made_by) > 1 else []),
         f"### CLIP-feature generation: each lever alone and together, against the VAE default "
         f"(generation only unless the row says sequential, default sizes unless it says, seeds {', '.join(map(str, seeds))}, "
         f"{result['prompts']} val prompts; mean ± std over the seeds a row lists; generator steps: the optimiser steps "
@@ -279,8 +308,8 @@ def markdown(result: dict) -> str:
         "train s: every stage)",
         "",
         "| variant | what it changes | seeds | generator steps | untrained | trained overall | gain | strict_overall | "
-        + " | ".join(CATEGORIES) + " | understanding | random features | round trip | train s |",
-        "|---|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|---|",
+        + " | ".join(CATEGORIES) + " | understanding | random features | round trip | train s | converged |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|---|---|",
     ]
     for name, runs in result["variants"].items():
         trained = [r["trained"]["overall"] for r in runs]
@@ -296,7 +325,8 @@ def markdown(result: dict) -> str:
             + f" | {understanding}"
             + f" | {_mean_std([r['representation'].get('random_features', float('nan')) for r in runs])}"
             f" | {_mean_std([r['representation']['ratio'] for r in runs])}"
-            f" | {statistics.mean(r['seconds'] for r in runs):.0f} |"
+            f" | {statistics.mean(r['seconds'] for r in runs):.0f}"
+            f" | {' / '.join(r['converged'] for r in runs if r.get('converged')) or '–'} |"
         )
     if result.get("robustness"):
         lines += [
@@ -371,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, nargs="+", default=list(SWEEP_GUIDANCES),
                         help=f"guidance scales of the sampler rows (default {' '.join(map(str, SWEEP_GUIDANCES))})")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, numbers mean nothing")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of the table already written for the variants not run now (their runs may be "
+                             "gone): the new rows replace or join them, and the table says which command made which")
     parser.add_argument("--existing-only", action="store_true",
                         help="train nothing: tabulate the complete runs already under --runs (each row says its seeds)")
     args = parser.parse_args(argv)
@@ -405,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.out / machine_slug(torch.device("cpu"))
     folder.mkdir(parents=True, exist_ok=True)
     stem = "clip_fidelity-quick" if args.quick else "clip_fidelity"
+    if args.merge and (folder / f"{stem}.json").is_file():
+        result = merged(json.loads((folder / f"{stem}.json").read_text()), result)
     (folder / f"{stem}.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
     (folder / f"{stem}.md").write_text(table)

@@ -7,11 +7,14 @@ second stage.
 
 from __future__ import annotations
 
-from unizoo.components.strategies.stages import Stage, Strategy
+from unizoo.components.strategies.stages import Stage, Strategy, UntilFlatSettings, stages_until_flat
 
 
-def generation(steps: int = 2000) -> Strategy:
+def generation(steps: int = 2000, until_flat: UntilFlatSettings | None = None) -> Strategy:
+    """`until_flat`: train until the evaluated curve is flat, at most its `max_steps` (then `steps` is unused)."""
+    flat = stages_until_flat(until_flat)
     return Strategy(
         name="generation",
-        stages=(Stage(name="generation", losses={"generation": 1.0}, trainable=("backbone", "queries", "generator"), steps=steps),),
+        stages=(Stage(name="generation", losses={"generation": 1.0}, trainable=("backbone", "queries", "generator"),
+                      steps=flat.max_steps if flat else steps, until_flat=flat),),
     )

@@ -8,14 +8,18 @@ the generator needs while the LM's understanding stays exactly as stage 1 left i
 
 from __future__ import annotations
 
-from unizoo.components.strategies.stages import Stage, Strategy
+from unizoo.components.strategies.stages import Stage, Strategy, UntilFlatSettings, stages_until_flat
 
 
-def sequential(understanding_steps: int = 1000, generation_steps: int = 1500) -> Strategy:
+def sequential(understanding_steps: int = 1000, generation_steps: int = 1500, until_flat: UntilFlatSettings | None = None) -> Strategy:
+    """`until_flat`: stage 2 trains until the generation curve is flat, at most its `max_steps` (stage 1 is scored
+    by understanding, which the generation evaluator does not see: it keeps `understanding_steps`)."""
+    flat = stages_until_flat(until_flat)
     return Strategy(
         name="sequential",
         stages=(
             Stage(name="understanding", losses={"understanding": 1.0}, trainable=("backbone", "projector"), steps=understanding_steps),
-            Stage(name="generation", losses={"generation": 1.0}, trainable=("queries", "generator"), steps=generation_steps),
+            Stage(name="generation", losses={"generation": 1.0}, trainable=("queries", "generator"),
+                  steps=flat.max_steps if flat else generation_steps, until_flat=flat),
         ),
     )

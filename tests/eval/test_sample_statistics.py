@@ -22,7 +22,7 @@ def shapes():
     recipe = compose_recipe("default", [*TINY_OVERRIDES, "data.val_size=256"])
     datamodule = instantiate(recipe.data, _convert_="all")
     datamodule.setup("fit")
-    return recipe, datamodule, image_features(recipe.evaluation.features, datamodule)
+    return recipe, datamodule, image_features(recipe.evaluation.feature_spaces.clip, datamodule)
 
 
 def test_features_are_one_vector_per_image(shapes):

@@ -317,3 +317,47 @@ def test_a_rerun_reattaches_to_a_slurm_job_still_running(fake_slurm, monkeypatch
     assert _slurm_job_active(folder).job_id == "4242"
     (folder / "status.json").write_text(json.dumps({"state": FAILED}))
     assert _slurm_job_active(folder) is None  # failed: submitted again
+
+
+def test_slurm_with_per_device_submits_one_gpu_job_for_several_variants(fake_slurm):
+    from unizoo.studies.variant import run_variant_group
+
+    settings = LauncherSettings.from_values({"kind": "slurm", "per_device": 3})
+    folder = fake_slurm / "group"
+    specs = [VariantJob(f"v{i}-seed0", "default", (f"seed={i}",), str(folder / f"v{i}")) for i in range(3)]
+    job = settings.executor(folder / "submitit", "v0+v1+v2", None).submit(run_variant_group, specs)
+    assert job.job_id == "4242"
+    script = (fake_slurm / "sbatch_script.sh").read_text().splitlines()
+    assert "#SBATCH --gpus-per-node=1" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert settings.recipe_overrides() == ("trainer.accelerator=gpu", "trainer.devices=1")
+
+
+def test_the_long_study_composes_and_builds_every_cell():
+    from hydra.utils import instantiate
+
+    from unizoo.components.strategies.stages import UntilFlat
+    from unizoo.config.recipe_types import check_recipe_types
+    from unizoo.training.build import build_model
+
+    study = load_study("design_space_long")
+    variants = study.variants()
+    assert len(variants) == 16 and sorted({v.seed for v in variants}) == [0, 1]
+    for variant in variants:
+        recipe = compose_recipe(study.recipe, variant.overrides)
+        check_recipe_types(recipe)
+        stages = instantiate(recipe.strategy).stages
+        assert stages[-1].until_flat == UntilFlat(window=3, min_gain=0.01, max_steps=6000)
+        assert (recipe.evaluation.prompts, recipe.evaluation.every_n_steps, recipe.evaluation.fid) == (256, 500, True)
+        clip, flow = variant.cell.choices["representation"] == "clip", variant.cell.choices["objective"] == "flow_matching"
+        assert recipe.objective.get("prediction") == ("x0" if clip and flow else "velocity" if flow else None)  # overrides_for
+    for cell in study.cells():
+        model = build_model(compose_recipe(study.recipe, cell.overrides))
+        assert len(model.generator.blocks) == (8 if cell.choices["representation"] == "clip" else 4)
+
+
+def test_overrides_for_names_only_choices_of_the_axes(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"axes": [{"group": "objective", "choices": {"mse": []}}],
+                                    "overrides_for": [{"where": {"objective": "diffusion"}, "overrides": ["seed=3"]}]}))
+    with pytest.raises(ValueError, match="overrides_for names {'objective': 'diffusion'}"):
+        load_study(path)

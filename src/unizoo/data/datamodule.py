@@ -42,11 +42,14 @@ class ShapesDataset(Dataset):
         rng = np.random.default_rng([self.seed, SPLITS[self.split], int(i)])
         return sample_scene(rng, self.image_size)
 
+    def image(self, scene: Scene) -> torch.Tensor:
+        """``scene`` drawn as ``[3, H, W]`` in [-1, 1]."""
+        pixels = np.array(draw_scene(scene, self.image_size))  # [H, W, 3] uint8, writable copy for torch
+        return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
     def __getitem__(self, i: int) -> dict:
         scene = self.scene(i)
-        pixels = np.array(draw_scene(scene, self.image_size))  # [H, W, 3] uint8, writable copy for torch
-        image = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-        return {"image": image, "caption": scene.caption}
+        return {"image": self.image(scene), "caption": scene.caption}
 
 
 class ShapesDataModule(L.LightningDataModule):

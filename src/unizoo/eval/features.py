@@ -1,11 +1,12 @@
-"""One feature vector per image, from a frozen CLIP image tower: what FID and diversity are measured in.
+"""One feature vector per image, from a frozen network: what FID and diversity are measured in.
 
 FID is defined on Inception features, which would have to be downloaded; the study runs
-offline, on data Inception never saw. So the distance is measured in the image tower
-unizoo already has: the tiny CLIP it pretrains (and caches) on the recipe's data, or a
-user's local CLIP/SigLIP through ``evaluation.features.pretrained``. The recipe value
-``evaluation.features`` is a `CLIPRepresentation` (encode only); this module wraps it as
-the ``feature`` network torchmetrics' `FrechetInceptionDistance` accepts.
+offline, on data Inception never saw. So the distance is measured in networks unizoo has:
+a classifier of the shapes data's scene labels (`unizoo.eval.shapes_classifier`, the default
+where the data has them: its features belong to neither representation), the tiny CLIP's
+image tower it pretrains on the recipe's data, or a user's local CLIP/SigLIP. Each space is a
+recipe node under ``evaluation.feature_spaces`` with ``encode(images) -> (B, N, D)``; this
+module wraps one as the ``feature`` network torchmetrics' `FrechetInceptionDistance` accepts.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class ImageFeatures(nn.Module):
-    """`images (B, 3, H, W) in [-1, 1] -> (B, D)`: the tower's patch features, averaged over the image.
+    """`images (B, 3, H, W) in [-1, 1] -> (B, D)`: the network's features, averaged over its tokens.
 
     ``num_features`` is read by torchmetrics, so it never runs a dummy image to find D.
     """
@@ -44,10 +45,10 @@ class ImageFeatures(nn.Module):
 
 
 def image_features(config: DictConfig, datamodule: L.LightningDataModule) -> ImageFeatures:
-    """The recipe's ``evaluation.features`` built and made real (the cached tiny CLIP is loaded or pretrained)."""
+    """A feature space of ``evaluation.feature_spaces`` built and made real (its cached network loaded, or trained)."""
     encoder = instantiate(config, _convert_="all")
     if getattr(encoder, "decoder", None) is not None:
-        raise ValueError("evaluation.features must encode only: set evaluation.features.decoder=null")
+        raise ValueError("an evaluation feature space must encode only: set its decoder to null")
     encoder.prepare(datamodule)
     log.info("evaluation features: %s, %d per image", type(encoder).__name__, encoder.token_shape[1])
     return ImageFeatures(encoder)

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from unizoo.pretraining.batches import endless_images
-from unizoo.runtime.fabric import describe, loop_fabric, loop_precision
+from unizoo.runtime.fabric import describe, loop_fabric, loop_precision, optimise
 from unizoo.runtime.progress import LoopProgress
 from unizoo.runtime.schedules import warmup_cosine
 
@@ -60,10 +60,7 @@ def train_autoencoder(
             kl = posterior.kl().float().mean()
         recon = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
         loss = recon + kl_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        fabric.backward(loss)
-        optimizer.step()
-        schedule.step()
+        optimise(fabric, optimizer, loss, schedule)
         progress.step(lambda: {"reconstruction": recon.item(), "kl": kl.item()})
     final = {"reconstruction": recon.item(), "kl": kl.item()}
     progress.close(final)

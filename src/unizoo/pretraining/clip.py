@@ -23,7 +23,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from unizoo.config.recipe_types import ArgumentsOf
 from unizoo.pretraining.batches import endless
-from unizoo.runtime.fabric import describe, loop_fabric
+from unizoo.runtime.fabric import describe, loop_fabric, optimise
 from unizoo.runtime.progress import LoopProgress
 from unizoo.runtime.schedules import warmup_cosine
 from unizoo.text import word_level_tokenizer
@@ -158,10 +158,7 @@ def train_clip(
             image_embeds = model.get_image_features(pixel_values=pixels).pooler_output
             text_embeds = model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask).pooler_output
             loss = soft_contrastive_loss(image_embeds.float(), text_embeds.float(), model.logit_scale, batch["caption"])
-        optimizer.zero_grad(set_to_none=True)
-        fabric.backward(loss)
-        optimizer.step()
-        schedule.step()
+        optimise(fabric, optimizer, loss, schedule)
         with torch.no_grad():  # CLIP's cap on the temperature: logits at most 100x cosine
             model.logit_scale.clamp_(0, 4.6052)
         progress.step(lambda: {"loss": loss.item(), "scale": model.logit_scale.exp().item()})

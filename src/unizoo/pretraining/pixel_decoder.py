@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from unizoo.pretraining.batches import endless
-from unizoo.runtime.fabric import describe, loop_fabric
+from unizoo.runtime.fabric import describe, loop_fabric, optimise
 from unizoo.runtime.progress import LoopProgress
 from unizoo.runtime.schedules import warmup_cosine
 
@@ -68,10 +68,7 @@ def train_pixel_decoder(
                 condition = augment_with_noise(condition, noise_std)
         with fabric.autocast():
             loss = objective.loss(generator, targets, condition)
-        optimizer.zero_grad(set_to_none=True)
-        fabric.backward(loss)
-        optimizer.step()
-        schedule.step()
+        optimise(fabric, optimizer, loss, schedule)
         progress.step(lambda: {"loss": loss.item()})
     final = loss.item()
     progress.close({"loss": final})

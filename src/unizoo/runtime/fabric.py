@@ -101,6 +101,15 @@ def on_loop_device(*modules: torch.nn.Module) -> Iterator[torch.device]:
             module.to("cpu")
 
 
+def optimise(fabric: Fabric, optimizer: torch.optim.Optimizer, loss: torch.Tensor, schedule=None) -> None:
+    """One step of a loop: gradients zeroed, `loss` backpropagated through the Fabric (its precision), the update, the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    fabric.backward(loss)
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+
+
 def describe(fabric: Fabric) -> str:
     """`cuda:0, 32-true`: where a loop ran, for its log line."""
     precision = getattr(fabric.strategy.precision, "precision", type(fabric.strategy.precision).__name__)

@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--launcher", choices=("local", "slurm"), default=None, help="where variants run (default local)")
     group.add_argument("--partition", default=None, help="SLURM partition")
     group.add_argument("--gpus-per-variant", type=int, default=None, help="GPUs per variant (default 0: CPU)")
+    group.add_argument("--per-device", type=int, default=None, metavar="N",
+                       help="N variants at once on each GPU of the machine (local), or per GPU job (slurm); "
+                            "default on a GPU machine: as many as one variant's measured memory allows")
+    group.add_argument("--parallel", type=int, default=None, metavar="N",
+                       help="N variants at once on a CPU machine, each pinned to its share of the cores (local)")
     group.add_argument("--time-min", type=int, default=None, help="time limit of a variant in minutes (default 1440)")
     group.add_argument("--cpus-per-task", type=int, default=None, help="SLURM CPUs per task")
     group.add_argument("--mem-gb", type=float, default=None, help="SLURM memory per variant (GB)")
@@ -43,8 +48,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--select", *args.select]
     if args.override:
         parts += ["--override", *args.override]
-    for option in ("seeds", "jobs", "out", "launcher", "partition", "gpus_per_variant", "time_min", "cpus_per_task",
-                   "mem_gb", "account", "qos"):
+    for option in ("seeds", "jobs", "out", "launcher", "partition", "gpus_per_variant", "per_device", "parallel", "time_min",
+                   "cpus_per_task", "mem_gb", "account", "qos"):
         value = getattr(args, option)
         if value is not None:
             parts += [f"--{option.replace('_', '-')}", str(value)]
@@ -69,6 +74,7 @@ def command_study(args: argparse.Namespace) -> int:
         variants = study.variants(select, args.seeds)
         launcher = LauncherSettings.from_values(study.launcher, {
             "kind": args.launcher, "jobs": args.jobs, "partition": args.partition, "gpus_per_variant": args.gpus_per_variant,
+            "per_device": args.per_device, "parallel": args.parallel,
             "time_min": args.time_min, "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem_gb,
             "account": args.account, "qos": args.qos, "setup": args.setup,
         })

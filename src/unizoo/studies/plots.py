@@ -26,8 +26,13 @@ def _mean_curve(seeds: list[list[dict[str, Any]]], x: str, y: str) -> tuple[list
     return xs, ys
 
 
-def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], x: str, y: str, path: Path, xlabel: str) -> Path | None:
-    """``y`` against ``x`` (steps or training seconds), one line per variant (mean over its seeds)."""
+def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], x: str, y: str, path: Path, xlabel: str,
+                stops: dict[str, list[tuple[float, float, str]]] | None = None) -> Path | None:
+    """``y`` against ``x`` (steps or training seconds), one line per variant (mean over its seeds).
+
+    ``stops``: per variant, where each seed's stage trained until flat ended (steps, seconds, state): a
+    filled marker where it was flat, a hollow one where it was still rising at its last step.
+    """
     if not curves:
         return None
     figure, axis = plt.subplots(figsize=(7, 4.5))
@@ -35,8 +40,13 @@ def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], x: str, y: str, p
         xs, ys = _mean_curve(seeds, x, y)
         if x == "train_seconds":
             xs = [value / 60 for value in xs]
-        axis.plot(xs, ys, marker="o", markersize=3, label=f"{name} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
-    axis.set_xlabel(xlabel)
+        (line,) = axis.plot(xs, ys, marker="o", markersize=3, label=f"{name} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+        for steps, seconds, state in (stops or {}).get(name, []):
+            at = steps if x == "steps" else seconds / 60
+            axis.axvline(at, color=line.get_color(), linestyle=":" if state == "flat" else "--", alpha=0.7, linewidth=1)
+            axis.plot([at], [ys[-1] if ys else 0], marker="X" if state == "flat" else "o", markersize=8, color=line.get_color(),
+                      markerfacecolor=line.get_color() if state == "flat" else "none")
+    axis.set_xlabel(xlabel + ("; X = stopped flat, o = still rising at its last step" if stops else ""))
     axis.set_ylabel(y.replace("_", " "))
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)

@@ -10,6 +10,8 @@ that finished, the scores after its last stage and before training:
     untrained_<column>       the same columns before training
     images_per_s_<stage>, train_seconds_<stage>, trainable_params_<stage>   per stage
     total_params, steps, seconds_total
+    converged, converged_state   a stage trained until flat: "flat at step S" or "still rising at
+                             step N" (`strategy.until_flat`); a still-rising cell is no result
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from typing import Any
 from unizoo.studies.status import read_status
 from unizoo.studies.study import Study, Variant
 from unizoo.studies.variant import RUN_DIR, variant_folder
+from unizoo.training.until_flat import FLAT, RISING
 
 UNTRAINED = "untrained_"
 PENDING = "pending"
+CONVERGED, CONVERGED_STATE = "converged", "converged_state"
 
 
 def _is_number(value: Any) -> bool:
@@ -73,7 +77,41 @@ def variant_row(variant: Variant, folder: Path) -> dict[str, Any]:
     row["total_params"] = metrics["training"][stages[-1]].get("total_params")
     row["steps"] = sum(record.get("steps", 0) for record in metrics["training"].values())
     row["seconds_total"] = metrics.get("seconds_total")
+    converged = metrics.get("converged") or {}
+    if converged:
+        row[CONVERGED] = "; ".join(f"{verdict['state']} at step {verdict['step']}" + (f" ({stage})" if len(converged) > 1 else "")
+                                   for stage, verdict in converged.items())
+        row[CONVERGED_STATE] = RISING if any(v["state"] == RISING for v in converged.values()) else FLAT
     return row
+
+
+def still_rising(row: dict[str, Any]) -> bool:
+    """A variant whose curve was still rising at `max_steps`: reported, never taken as a result."""
+    return row.get(CONVERGED_STATE) == RISING
+
+
+def feature_spaces(out: Path, variants: list[Variant]) -> dict[str, Any] | None:
+    """What FID and diversity were measured in (metrics.json "features"), from the first finished variant."""
+    for variant in variants:
+        metrics = read_metrics(variant_folder(out, variant))
+        if metrics and metrics.get("features"):
+            return metrics["features"]
+    return None
+
+
+def stops(out: Path, variants: list[Variant]) -> dict[str, list[tuple[float, float, str]]]:
+    """Each cell's stops of stages trained until flat, per finished seed: (steps across stages, training seconds, state)."""
+    found: dict[str, list[tuple[float, float, str]]] = {}
+    for variant in variants:
+        folder = variant_folder(out, variant)
+        metrics = read_metrics(folder)
+        if read_status(folder).get("state") != "done" or not metrics:
+            continue
+        for stage, verdict in (metrics.get("converged") or {}).items():
+            ends = [p for p in metrics.get("curve", []) if p.get("phase") == stage]
+            if ends:
+                found.setdefault(variant.cell.name, []).append((ends[-1]["steps"], ends[-1]["train_seconds"], verdict["state"]))
+    return found
 
 
 def collect(out: Path, variants: list[Variant]) -> list[dict[str, Any]]:

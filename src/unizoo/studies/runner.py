@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from unizoo.config.composition import compose_recipe
 from unizoo.studies.launcher import LauncherSettings
+from unizoo.studies.packing import Slot, estimate_per_device
 from unizoo.studies.report import COMMAND_FILE, write_report
 from unizoo.studies.status import DONE, FAILED, RUNNING, SUBMITTED, process_alive, read_status, write_status
 from unizoo.studies.study import Study, Variant
@@ -35,6 +36,7 @@ from unizoo.studies.variant import (
     VariantJob,
     error_line,
     run_variant,
+    run_variant_group,
     variant_folder,
 )
 
@@ -182,8 +184,15 @@ def run_study(
         with open(out / COMMAND_FILE, "a") as handle:
             handle.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n{command}\n")
         shutil.copyfile(study.path, out / "study.yaml")
+        gpu_count = _local_gpus(launcher)
+        launcher = _packed(launcher, study, variants, gpu_count, progress)
         plans = _plan(study, variants, out, launcher)
-        in_flight_max = launcher.in_flight(len(plans))
+        in_flight_max = launcher.in_flight(len(plans), gpu_count)
+        if launcher.kind == "slurm" and launcher.per_device is not None:
+            in_flight_max = max(in_flight_max, launcher.per_device)  # a GPU job holds per_device variants
+        slots = launcher.slots(in_flight_max, gpu_count)
+        if launcher.per_device is not None or launcher.parallel is not None:
+            progress(f"study: {in_flight_max} variants at once: " + "; ".join(slot.describe() for slot in slots[:in_flight_max]))
         meter = _Progress(len(plans), in_flight_max, progress)
         todo, running = [], {}
         for index, plan in enumerate(plans, 1):
@@ -206,20 +215,26 @@ def run_study(
                 todo.append((index, plan))
             meter.remaining_steps += plan.steps or 0
 
-        free_slots = list(range(in_flight_max))  # a local variant's slot picks its GPUs
+        free_slots = list(slots)  # a local variant's slot: its GPUs, or its cores
+        grouped = launcher.kind == "slurm" and launcher.per_device is not None
         while todo or running:
             while todo and len(running) < in_flight_max:
-                index, plan = todo.pop(0)
-                slot = free_slots.pop(0) if free_slots else 0
+                # One variant per job; on SLURM with --per-device, up to per_device variants share a one-GPU job.
+                batch = [todo.pop(0) for _ in range(min(len(todo), launcher.per_device if grouped else 1))]
+                slot = free_slots.pop(0) if free_slots and not grouped else None
                 try:
-                    job = _submit(study, plan, launcher, slot, grid_prompts)
+                    job = _submit(study, [plan for _, plan in batch], launcher, slot, grid_prompts)
                 except Exception as error:  # noqa: BLE001 - e.g. sbatch refused it: the others still go
-                    free_slots.append(slot)
-                    outcome.failed[plan.variant.name] = write_status(plan.folder, FAILED, error=error_line(error))["error"]
-                    meter.line(index, "FAILED", plan.variant.name, f": not submitted: {outcome.failed[plan.variant.name]}")
+                    if slot is not None:
+                        free_slots.append(slot)
+                    for index, plan in batch:
+                        outcome.failed[plan.variant.name] = write_status(plan.folder, FAILED, error=error_line(error))["error"]
+                        meter.line(index, "FAILED", plan.variant.name, f": not submitted: {outcome.failed[plan.variant.name]}")
                     continue
-                running[plan.variant.name] = (index, plan, job, time.monotonic(), slot)
-                meter.line(index, "start", plan.variant.name, f" ({plan.steps} steps, job {job.job_id})")
+                for index, plan in batch:
+                    running[plan.variant.name] = (index, plan, job, time.monotonic(), slot)
+                    where = f", {slot.describe()}" if slot is not None and (slot.gpus or slot.cpus) else ""
+                    meter.line(index, "start", plan.variant.name, f" ({plan.steps} steps, job {job.job_id}{where})")
             finished = [name for name, (_, _, job, _, _) in running.items() if job.done()]
             for name in finished:
                 index, plan, job, started, slot = running.pop(name)
@@ -244,17 +259,45 @@ def run_study(
     return outcome
 
 
-def _submit(study: Study, plan: _Plan, launcher: LauncherSettings, slot: int, grid_prompts: int):
-    _reset(plan.folder)
-    spec = VariantJob(
-        name=plan.variant.name, recipe=study.recipe, overrides=plan.overrides, folder=str(plan.folder),
-        grid_prompts=grid_prompts, study_pid=os.getpid() if launcher.kind == "local" else None,
-    )
-    # Written before the job exists: from then on only the job writes status.json.
-    write_status(plan.folder, SUBMITTED, error=None, pid=None, host=None)
-    job = launcher.executor(plan.folder / SUBMITIT_DIR, plan.variant.name, slot).submit(run_variant, spec)
-    (plan.folder / JOB_FILE).write_text(json.dumps({"launcher": launcher.kind, "job_id": str(job.job_id)}))
+def _submit(study: Study, plans: list[_Plan], launcher: LauncherSettings, slot: Slot | None, grid_prompts: int):
+    """One job: one variant, or (SLURM with --per-device) several sharing one GPU."""
+    specs = []
+    for plan in plans:
+        _reset(plan.folder)
+        specs.append(VariantJob(
+            name=plan.variant.name, recipe=study.recipe, overrides=plan.overrides, folder=str(plan.folder),
+            grid_prompts=grid_prompts, study_pid=os.getpid() if launcher.kind == "local" else None,
+            cpus=slot.cpus if slot is not None else (), threads=slot.threads if slot is not None else None,
+        ))
+        # Written before the job exists: from then on only the job writes status.json.
+        write_status(plan.folder, SUBMITTED, error=None, pid=None, host=None)
+    first = plans[0]
+    executor = launcher.executor(first.folder / SUBMITIT_DIR, "+".join(p.variant.name for p in plans), slot)
+    job = executor.submit(run_variant, specs[0]) if len(specs) == 1 else executor.submit(run_variant_group, specs)
+    for plan in plans:
+        (plan.folder / JOB_FILE).write_text(json.dumps({"launcher": launcher.kind, "job_id": str(job.job_id)}))
     return job
+
+
+def _local_gpus(launcher: LauncherSettings) -> int:
+    """The GPUs of this machine a local study can spread variants over (0 for SLURM or a CPU machine)."""
+    if launcher.kind != "local":
+        return 0
+    import torch  # noqa: PLC0415
+
+    return torch.cuda.device_count()
+
+
+def _packed(launcher: LauncherSettings, study: Study, variants: list[Variant], gpu_count: int, progress) -> LauncherSettings:
+    """On a GPU machine with nothing said about devices, as many variants per GPU as one variant's memory allows."""
+    said = launcher.per_device is not None or launcher.parallel is not None or launcher.gpus_per_variant or launcher.jobs is not None
+    if launcher.kind != "local" or not gpu_count or said or not variants:
+        return launcher
+    recipe = compose_recipe(study.recipe, (*variants[0].overrides, "trainer.accelerator=gpu", "trainer.devices=1"))
+    per_device, _ = estimate_per_device(recipe)
+    progress(f"study: --per-device {per_device} on each of {gpu_count} GPU(s), from {variants[0].name}'s measured memory "
+             "(--per-device N or --jobs N to choose)")
+    return launcher.replace(per_device=per_device)
 
 
 def _interim_report(out: Path, study: Study, variants: list[Variant], progress) -> None:

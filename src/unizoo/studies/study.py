@@ -20,7 +20,7 @@ from unizoo.config.composition import STUDIES, recipes_dir
 
 DESIGN_SPACE = recipes_dir() / STUDIES / "design_space.yaml"
 # Keys a study file may hold; anything else is a typo worth an error.
-STUDY_KEYS = ("recipe", "axes", "common", "seeds", "seeds_for", "launcher", "throughput")
+STUDY_KEYS = ("recipe", "axes", "common", "seeds", "seeds_for", "overrides_for", "launcher", "throughput")
 
 
 class StudyError(ValueError):
@@ -64,6 +64,9 @@ class Study:
     path: str = ""
     seeds: int = 1  # seeds per cell, unless a `seeds_for` rule says otherwise
     seeds_for: tuple[tuple[dict[str, str], int], ...] = ()  # (choices a cell must have, its seed count); last match wins
+    # (choices a cell must have, overrides it gets after its choices'): a value that only fits some cells, such as
+    # x0 prediction for the flow-matching cells of one representation
+    overrides_for: tuple[tuple[dict[str, str], tuple[str, ...]], ...] = ()
     launcher: dict[str, Any] = field(default_factory=dict)  # defaults of the launcher settings (unizoo.studies.launcher)
 
     @property
@@ -79,7 +82,11 @@ class Study:
             overrides = []
             for group, choice in zip(self.axes, picks):
                 overrides += [f"{group}={choice}", *self.axes[group][choice]]
-            cells.append(Cell(dict(zip(self.axes, picks)), (*overrides, *self.common)))
+            choices = dict(zip(self.axes, picks))
+            for where, extra in self.overrides_for:
+                if all(choices.get(group) == choice for group, choice in where.items()):
+                    overrides += extra
+            cells.append(Cell(choices, (*overrides, *self.common)))
         return cells
 
     def seed_count(self, cell: Cell) -> int:
@@ -141,6 +148,15 @@ def _seed_count(value: Any, where: str) -> int:
     return value
 
 
+def _where(rule: dict, axes: dict, path: Path, key: str) -> dict[str, str]:
+    """A rule's `where:` (axis -> choice), checked against the axes."""
+    where = {str(k): str(v) for k, v in (rule.get("where") or {}).items()}
+    bad = {g: c for g, c in where.items() if c not in axes.get(g, {})}
+    if bad:
+        raise StudyError(f"{path}: {key} names {bad}, which is no choice of the axes {({g: list(c) for g, c in axes.items()})}")
+    return where
+
+
 def load_study(path: str | Path = DESIGN_SPACE) -> Study:
     """The grid file (or a shipped study's name) as a :class:`Study`."""
     path = find_study(path)
@@ -156,11 +172,14 @@ def load_study(path: str | Path = DESIGN_SPACE) -> Study:
     }
     seeds_for = []
     for rule in data.get("seeds_for") or ():
-        where = {str(k): str(v) for k, v in (rule.get("where") or {}).items()}
-        bad = {g: c for g, c in where.items() if c not in axes.get(g, {})}
-        if bad:
-            raise StudyError(f"{path}: seeds_for names {bad}, which is no choice of the axes {({g: list(c) for g, c in axes.items()})}")
+        where = _where(rule, axes, path, "seeds_for")
         seeds_for.append((where, _seed_count(rule.get("seeds"), f"{path}: seeds_for {where}")))
+    overrides_for = []
+    for rule in data.get("overrides_for") or ():
+        extra = rule.get("overrides")
+        if not isinstance(extra, list) or not all(isinstance(o, str) for o in extra):
+            raise StudyError(f"{path}: overrides_for needs `overrides:`, a list of KEY=VALUE strings, got {extra!r}")
+        overrides_for.append((_where(rule, axes, path, "overrides_for"), tuple(extra)))
     return Study(
         recipe=data.get("recipe", "default"),
         axes=axes,
@@ -169,5 +188,6 @@ def load_study(path: str | Path = DESIGN_SPACE) -> Study:
         path=str(path),
         seeds=_seed_count(data.get("seeds", 1), str(path)),
         seeds_for=tuple(seeds_for),
+        overrides_for=tuple(overrides_for),
         launcher=dict(data.get("launcher") or {}),
     )

@@ -10,10 +10,11 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from unizoo.studies.results import UNTRAINED
+from unizoo.studies.results import CONVERGED, CONVERGED_STATE, UNTRAINED, still_rising
 from unizoo.studies.study import Study
 
-LOWER_IS_BETTER = ("fid", "train_minutes")
+LOWER_IS_BETTER = ("fid", "fid_clip", "train_minutes")
+TEXT_COLUMNS = (CONVERGED,)
 NEVER_BEST = ("total_params", "trainable_params")
 THROUGHPUT_PREFIXES = ("images_per_s_", "train_seconds_", "trainable_params_")
 BOOKKEEPING = ("total_params", "steps", "seconds_total")
@@ -56,10 +57,22 @@ def _with_derived(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return derived
 
 
+def _words(rows: list[dict[str, Any]], column: str) -> str:
+    """A text column (`converged`): each seed's value, once each, in seed order."""
+    values = list(dict.fromkeys(str(row[column]) for row in rows if row.get(column)))
+    return " / ".join(values) or "–"
+
+
 def markdown_table(groups: dict[str, list[dict[str, Any]]], columns: list[str], titles: dict[str, str] | None = None) -> str:
-    """One row per group (``name -> its rows``), mean +- std per column, the best mean in bold."""
+    """One row per group (``name -> its rows``), mean +- std per column, the best mean in bold.
+
+    Text columns (`converged`) list their values. A seed still rising at its `max_steps` is left
+    out of every mean (its scores are no result); its `converged` entry says so.
+    """
     titles = titles or {}
-    cells = {name: {c: _cell(c, _numbers(rows, c)) for c in columns} for name, rows in groups.items()}
+    results = {name: [row for row in rows if not still_rising(row)] for name, rows in groups.items()}
+    cells = {name: {c: (_words(rows, c), None) if c in TEXT_COLUMNS else _cell(c, _numbers(results[name], c)) for c in columns}
+             for name, rows in groups.items()}
     best = {}
     for column in columns:
         means = [cells[name][column][1] for name in groups if cells[name][column][1] is not None]
@@ -78,7 +91,23 @@ def markdown_table(groups: dict[str, list[dict[str, Any]]], columns: list[str], 
     return "\n".join(lines)
 
 
-def results_markdown(study: Study, rows: list[dict[str, Any]], command: str) -> str:
+SPACE_NAMES = {"shapes_classifier": "shapes classifier", "clip": "CLIP"}
+
+
+def _features_line(features: dict[str, Any] | None) -> str:
+    """`in the features of a classifier of the data's scene labels (held-out accuracy: ...)`."""
+    if not features:
+        return "in the run's feature space"
+    space = features.get("headline")
+    accuracy = (features.get(space) or {}).get("held_out_accuracy")
+    if space == "shapes_classifier" and accuracy:
+        return (f"in the features of a classifier of the shapes data's scene labels, which neither representation owns "
+                f"(its held-out accuracy on {accuracy['images']} val images: scene {accuracy['scene']:.3f}, counts "
+                f"{accuracy['counts']:.3f}, positions {accuracy['cells']:.3f})")
+    return f"in the {SPACE_NAMES.get(space, space)} features"
+
+
+def results_markdown(study: Study, rows: list[dict[str, Any]], command: str, features: dict[str, Any] | None = None) -> str:
     rows = _with_derived(rows)
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -89,14 +118,19 @@ def results_markdown(study: Study, rows: list[dict[str, Any]], command: str) -> 
     ordered = [key for row in done for key in row]
     ordered = list(dict.fromkeys(ordered))
     scores = [k for k in ordered if k not in identity and not k.startswith(UNTRAINED) and not k.startswith(THROUGHPUT_PREFIXES)
-              and k not in (*BOOKKEEPING, "train_minutes", "trainable_params")]
+              and k not in (*BOOKKEEPING, "train_minutes", "trainable_params", CONVERGED_STATE)]
     untrained = [k for k in ordered if k.startswith(UNTRAINED)]
-    summary = [k for k in ("overall", "untrained_overall", "fid", "untrained_fid", "diversity", "untrained_diversity",
-                           "understanding_overall", "untrained_understanding_overall") if k in present]
+    summary = [k for k in ("overall", "untrained_overall", CONVERGED, "fid", "untrained_fid", "fid_clip", "untrained_fid_clip",
+                           "diversity", "untrained_diversity", "understanding_overall", "untrained_understanding_overall")
+               if k in present]
     summary += [k for k in ordered if k.startswith("images_per_s_")]
     summary += [k for k in ("train_minutes", "trainable_params", "total_params") if k in present]
-    titles = {k: k.replace("images_per_s_", "images/s ").replace("untrained_", "untrained ").replace("_", " ") for k in summary}
+    space = (features or {}).get("headline")
+    named = {"fid": f"FID ({SPACE_NAMES.get(space, space)})" if space else "FID", "untrained_fid": "untrained FID",
+             "fid_clip": "FID (CLIP)", "untrained_fid_clip": "untrained FID (CLIP)"}
+    titles = {k: named.get(k, k.replace("images_per_s_", "images/s ").replace("untrained_", "untrained ").replace("_", " ")) for k in summary}
     failed = [r for r in rows if r["status"] != "done"]
+    rising = sorted({r["variant"] for r in done if still_rising(r)})
 
     parts = [
         f"# Study `{study.name}`: {len(done)} of {len(rows)} variants done",
@@ -108,12 +142,16 @@ def results_markdown(study: Study, rows: list[dict[str, Any]], command: str) -> 
         "",
         "## Summary",
         "",
-        "overall: the evaluator's overall score (mean of its categories, 0-1); FID: Frechet distance of the "
-        "samples to the val images in the tiny CLIP's features (lower = closer to real images); diversity: mean "
-        "pairwise feature distance between draws of one prompt (0 = every draw the same); understanding "
-        "overall: captions of held-out images scored against the truth; images/s: training throughput per "
-        "stage; train minutes: training wall time of all stages, evaluations excluded.",
+        "overall: the evaluator's overall score (mean of its categories, 0-1); converged: where a stage trained "
+        "until its curve was flat stopped (`strategy.until_flat`), or that it was still rising at its last step "
+        "(such a seed is left out of every mean: it is no result); FID: Frechet distance of the samples to the "
+        f"val images {_features_line(features)} (lower = closer to real images); FID (CLIP): the same in the tiny "
+        "CLIP's image features, which CLIP targets are trained to produce (it favours representation=clip); "
+        "diversity: mean pairwise feature distance between draws of one prompt (0 = every draw the same); "
+        "understanding overall: captions of held-out images scored against the truth; images/s: training "
+        "throughput per stage; train minutes: training wall time of all stages, evaluations excluded.",
         "",
+        *([f"**Still rising at their last step (no result):** {', '.join(rising)}.", ""] if rising else []),
         markdown_table(groups, summary, titles) if summary else "(no variant finished yet)",
         "",
         "## Every score after training",

@@ -48,6 +48,8 @@ class VariantJob:
     folder: str
     grid_prompts: int = 8
     study_pid: int | None = None  # local launcher: end with the study process, so a killed study leaves no orphans
+    cpus: tuple[int, ...] = ()  # --parallel: the cores this variant is pinned to
+    threads: int | None = None  # --parallel: its torch threads (one per core it holds)
 
 
 def variant_folder(out: Path, variant) -> Path:
@@ -73,6 +75,7 @@ def run_variant(job: VariantJob) -> str:
     _log_to_stderr()
     if job.study_pid:
         _end_with(job.study_pid, folder)
+    _take_cores(job)
     try:
         from unizoo.config.composition import compose_recipe  # noqa: PLC0415 - heavy imports inside the job
         from unizoo.training.train import train  # noqa: PLC0415
@@ -89,6 +92,34 @@ def run_variant(job: VariantJob) -> str:
     if lead:
         write_status(folder, DONE, finished=time.time())
     return str(run_dir)
+
+
+def _take_cores(job: VariantJob) -> None:
+    """Pin this process (and the workers it starts) to its share of the cores, with as many torch threads."""
+    if job.cpus:
+        os.sched_setaffinity(0, job.cpus)
+    if job.threads:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(job.threads)
+        log.info("variant %s: %d torch threads on cores %s", job.name, job.threads, ",".join(map(str, job.cpus)) or "any")
+
+
+def run_variant_group(jobs: list[VariantJob]) -> list[str]:
+    """Several variants side by side in one job (SLURM with --per-device: one GPU, N variants), each in a process
+    of its own; returns each one's run directory or error line. A failed variant never stops the others."""
+    import multiprocessing  # noqa: PLC0415
+    from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415
+
+    outcomes = []
+    with ProcessPoolExecutor(max_workers=len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_variant, job) for job in jobs]
+        for job, future in zip(jobs, futures):
+            try:
+                outcomes.append(future.result())
+            except BaseException as error:  # noqa: BLE001 - recorded in its status.json by run_variant
+                outcomes.append(f"{job.name}: {error_line(error)}")
+    return outcomes
 
 
 def _draw_grid(run_dir: Path, folder: Path, n: int) -> None:

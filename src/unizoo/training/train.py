@@ -21,7 +21,7 @@ from unizoo.eval.evaluation import CaptionEvaluation, RoundTripEvaluation, Sampl
 from unizoo.eval.experiment_log import EvaluationLog
 from unizoo.eval.generation_evaluator import generation_evaluator, headline_score
 from unizoo.eval.periodic_evaluation import EvaluationCurve
-from unizoo.eval.sample_statistics import sample_statistics
+from unizoo.eval.sample_statistics import headline_space, sample_statistics
 from unizoo.model import UnifiedModel
 from unizoo.runtime.accelerator import check_trainer_settings, describe_accelerator, use_tensor_cores
 from unizoo.runtime.fabric import loops_on, on_loop_device
@@ -37,6 +37,7 @@ from unizoo.training.sharding import model_to_fit, take_trained_weights
 from unizoo.training.stage_callbacks import check_stage_settings, stage_trainer
 from unizoo.training.stage_weights import groups_only_later_stages_train, state_for_later_stages
 from unizoo.training.throughput import stage_throughput
+from unizoo.training.until_flat import StopWhenFlat, check_until_flat, stage_scores, verdict
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ def _train(recipe: DictConfig, run_dir: Path | None, resume: bool) -> Path:
     strategy = instantiate(recipe.strategy, _convert_="all")
     stages = _stages_to_run(strategy, recipe.start_stage, recipe.init_checkpoint)
     check_stage_settings(recipe, stages)
+    check_until_flat(stages, recipe.evaluation.get("every_n_steps"))  # a stage that trains until flat needs its curve
+    headline_space(recipe, datamodule)  # evaluation.features=shapes_classifier on data without scene labels: refused now
     make_logger = logger_factory(recipe)  # recipes/logger/: a missing package is named before anything trains
 
     # Launched as several processes, every one trains but only the primary writes (unizoo.training.launch).
@@ -107,9 +110,14 @@ def _train(recipe: DictConfig, run_dir: Path | None, resume: bool) -> Path:
             log.info("real val images scored against their own captions (the ceiling): %s", format_scores(real))
         # Scores and sample grids also go to the run's logger (its "evaluation" version), at steps counted across stages.
         evaluation_log = EvaluationLog(make_logger(run_dir, "evaluation"), run_dir) if primary else None
-        curve = EvaluationCurve(_evaluations(recipe, datamodule, model, run_dir, chance, evaluator), on_point=evaluation_log)
+        evaluate, feature_spaces = _evaluations(recipe, datamodule, model, run_dir, chance, evaluator)
+        curve = EvaluationCurve(evaluate, on_point=evaluation_log)
         start = "untrained" if not recipe.init_checkpoint else "start"
         metrics = {"recipe": recipe.name, "run_dir": str(run_dir), "chance": chance, "real": real, **(read_metrics(run_dir) if resume else {})}
+        if feature_spaces:  # what FID and diversity are measured in (with the shapes classifier's held-out accuracy)
+            metrics["features"] = feature_spaces
+        every_n_steps = recipe.evaluation.get("every_n_steps")
+        score = headline_score(datamodule)
         if primary and "representation" not in metrics:
             # The ceiling any generator of this representation can reach: frozen, so measured once.
             images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
@@ -125,13 +133,17 @@ def _train(recipe: DictConfig, run_dir: Path | None, resume: bool) -> Path:
                 _load_weights(model, part.weights)
             model.set_stage(stage)
             stage_started = time.perf_counter()
+            stopper = None
             if part.train:
+                # After the periodic evaluation, at the same steps: a stage with until_flat ends once its curve is flat.
+                stopper = StopWhenFlat(stage, lambda: curve.points, score, every_n_steps) if stage.until_flat else None
                 trainer = stage_trainer(recipe, stage, stages, run_dir, make_logger(run_dir, stage.name),
-                                        [*curve.callbacks(stage.name, recipe.evaluation.get("every_n_steps")), SkippedSamplesLog()])
+                                        [*curve.callbacks(stage.name, every_n_steps), *([stopper] if stopper else []), SkippedSamplesLog()])
                 fitted = model_to_fit(model, trainer)  # a copy where the trainer shards it (trainer=fsdp)
                 curve.start_stage(stage.name)
                 trainer.fit(fitted, datamodule=datamodule, ckpt_path=part.resume_from)
-                training_seconds = curve.finish_stage(stage.steps)
+                trained_steps = trainer.global_step  # the stage's steps, or fewer where it stopped flat
+                training_seconds = curve.finish_stage(trained_steps)
                 trainer.save_checkpoint(stage_checkpoint(run_dir, stage.name))
                 take_trained_weights(model, fitted)
             if primary:
@@ -140,8 +152,15 @@ def _train(recipe: DictConfig, run_dir: Path | None, resume: bool) -> Path:
                     metrics.setdefault("seconds", {})[stage.name] = round(time.perf_counter() - stage_started, 1)
                 if part.train and part.resume_from is None:  # a resumed stage's speed would mix two processes' steps
                     metrics.setdefault("training", {})[stage.name] = stage_throughput(
-                        model, trainer, recipe.data.batch_size, stage.steps, training_seconds
+                        model, trainer, recipe.data.batch_size, trained_steps, training_seconds
                     )
+                if part.train and stage.until_flat is not None:
+                    scores = [*stage_scores(curve.points, stage.name, score), metrics[stage.name]["generation"][score]]
+                    converged = verdict(stage.until_flat, scores, stopper.stopped_at, trained_steps)
+                    metrics.setdefault("converged", {})[stage.name] = converged
+                    log.info("stage %s: %s at step %d (until_flat: window %d, min_gain %g, max_steps %d)", stage.name,
+                             converged["state"], converged["step"], stage.until_flat.window, stage.until_flat.min_gain,
+                             stage.until_flat.max_steps)
                 metrics["curve"] = curve.points
                 metrics.setdefault("data", {})["skipped"] = skipped_samples(datamodule)
                 write_metrics(run_dir, metrics)
@@ -186,7 +205,8 @@ def _load_weights(model: UnifiedModel, checkpoint: str | Path, untrained_groups:
 
 
 def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: Path, chance: dict, evaluator):
-    """`evaluate(phase, full) -> scores`: samples scored, and captions scored where the backbone reads images."""
+    """(`evaluate(phase, full) -> scores`, the feature spaces of FID and diversity or None): samples scored, and
+    captions scored where the backbone reads images."""
     prompts = datamodule.prompts("val", recipe.evaluation.prompts)
     warn_unknown_words(model.backbone.tokenizer, prompts, run_vocabulary(run_dir))
     generation = SampleEvaluation(
@@ -203,6 +223,7 @@ def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: P
         warn_unknown_words(model.backbone.tokenizer, truth, run_vocabulary(run_dir), what="reference caption")
         understanding = CaptionEvaluation(images, truth, instantiate(recipe.understanding_evaluator))
     statistics = sample_statistics(recipe, datamodule)  # FID, diversity: None unless the recipe asks
+    feature_spaces = {"headline": statistics.headline, **statistics.spaces} if statistics is not None else None
 
     def evaluate(phase: str, full: bool = True) -> dict:
         """Scores of the model now; ``full`` (before and after stages) also writes grids and captions and measures diversity.
@@ -225,7 +246,7 @@ def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: P
             scores["understanding"] = understanding(model, run_dir / f"captions_{phase}.txt" if full else None)
         return scores
 
-    return evaluate
+    return evaluate, feature_spaces
 
 
 def _log_to_file(path: Path) -> logging.Handler:
