@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from unizoo.components.conditioning.queries import QueryConditioning
 from unizoo.components.strategies.stages import Stage
 from unizoo.runtime.schedules import warmup_cosine
 
@@ -86,12 +87,15 @@ class UnifiedModel(L.LightningModule):
         objective: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         warmup_steps: int = 100,
+        conditioning: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.representation = representation
         self.backbone = backbone
         self.generator = generator
         self.objective = objective
+        # What the generator reads of the backbone (recipes/conditioning/); None: the query tokens' last states.
+        self.conditioning = conditioning if conditioning is not None else QueryConditioning()
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
         self.stage: Stage | None = None
@@ -133,7 +137,7 @@ class UnifiedModel(L.LightningModule):
         # encode() would return, extracted once for every representation alike; a present-key check,
         # not a branch on the representation.
         targets = batch["target"] if "target" in batch else self.representation.encode(batch["image"])
-        condition = self.backbone.condition(batch["caption"])
+        condition = self.conditioning(self.backbone, batch["caption"])
         return self.objective.loss(self.generator, targets, condition)
 
     def understanding_loss(self, batch: Batch) -> torch.Tensor:
@@ -192,7 +196,7 @@ class UnifiedModel(L.LightningModule):
         rng = torch.Generator().manual_seed(seed)
         images, generated = [], []
         for start in range(0, len(prompts), batch_size):
-            condition = self.backbone.condition(prompts[start : start + batch_size])
+            condition = self.conditioning(self.backbone, prompts[start : start + batch_size])
             tokens = self.objective.sample(self.generator, condition, steps=steps, guidance=guidance, rng=rng)
             images.append(self.representation.decode(tokens).float().cpu())
             generated.append(tokens.float().cpu())

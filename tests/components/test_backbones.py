@@ -114,3 +114,16 @@ def test_understanding_loss_learns_to_caption():
 def test_understanding_without_a_vision_encoder_is_a_clear_error(backbone):
     with pytest.raises(RuntimeError, match="vision_encoder"):
         backbone.understanding_loss(torch.zeros(1, 3, 32, 32), ["a red circle"])
+
+
+def test_hidden_states_hold_every_layer_and_the_padding(backbone):
+    captions = ["a red circle", "a red circle above a blue square"]
+    states, mask = backbone.hidden_states(captions)
+    short, long = (len(backbone.tokenizer(c)["input_ids"]) for c in captions)
+    assert states.shape == (2, SMALL["num_hidden_layers"], long + 5, 32) and mask.dtype == torch.bool
+    # Left padding: the short caption's first positions are padding, the queries never are.
+    assert mask[0].tolist() == [False] * (long - short) + [True] * (short + 5) and mask[1].all()
+    # The last layer at the query positions is the shallow condition, exactly.
+    assert torch.equal(states[:, -1, -5:], backbone.condition(captions))
+    # Earlier layers differ from the last: there is something deeper to read.
+    assert (states[:, 0, -5:] - states[:, -1, -5:]).abs().max() > 1e-2
