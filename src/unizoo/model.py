@@ -178,26 +178,39 @@ class UnifiedModel(L.LightningModule):
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 64
+        self, prompts: list[str], steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 64,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Images `(len(prompts), 3, H, W)` in [-1, 1]; the same seed gives the same images.
 
-        `steps` / `guidance` of None take the objective's recipe defaults.
+        `steps` / `guidance` of None take the objective's recipe defaults. `noise`
+        `(len(prompts), N, C)`: the initial noise to start from (None: `initial_noise(len(prompts), seed)`).
         """
-        return self.generate_with_tokens(prompts, steps, guidance, seed, batch_size)[0]
+        return self.generate_with_tokens(prompts, steps, guidance, seed, batch_size, noise)[0]
+
+    def initial_noise(self, count: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+        """The initial noise `(count, N, C)` `generate` starts `count` prompts from under `seed` (on the CPU)."""
+        rng = torch.Generator().manual_seed(seed)
+        shape = tuple(self.generator.token_shape)
+        return torch.cat([torch.randn((min(batch_size, count - start), *shape), generator=rng) for start in range(0, count, batch_size)])
 
     @torch.no_grad()
     def generate_with_tokens(
-        self, prompts: list[str], steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 64
+        self, prompts: list[str], steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 64,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`generate`'s images and the generated target tokens `(len(prompts), N, C)` they were decoded from."""
         was_training = self.training
         self.eval()
         rng = torch.Generator().manual_seed(seed)
+        if noise is None:
+            noise = self.initial_noise(len(prompts), seed, batch_size)
         images, generated = [], []
         for start in range(0, len(prompts), batch_size):
             condition = self.conditioning(self.backbone, prompts[start : start + batch_size])
-            tokens = self.objective.sample(self.generator, condition, steps=steps, guidance=guidance, rng=rng)
+            tokens = self.objective.sample(
+                self.generator, condition, steps=steps, guidance=guidance, rng=rng, noise=noise[start : start + batch_size]
+            )
             images.append(self.representation.decode(tokens).float().cpu())
             generated.append(tokens.float().cpu())
         self.train(was_training)
