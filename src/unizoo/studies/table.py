@@ -14,7 +14,7 @@ from unizoo.studies.results import UNTRAINED
 from unizoo.studies.study import Study
 
 LOWER_IS_BETTER = ("fid", "train_minutes")
-NEVER_BEST = ("total_params", "trainable_params")
+NEVER_BEST = ("total_params", "trainable_params", "search_nfe", "untrained_search_nfe")  # counts, not scores
 THROUGHPUT_PREFIXES = ("images_per_s_", "train_seconds_", "trainable_params_")
 BOOKKEEPING = ("total_params", "steps", "seconds_total")
 
@@ -24,7 +24,7 @@ def _numbers(rows: list[dict[str, Any]], column: str) -> list[float]:
 
 
 def _format(column: str, value: float) -> str:
-    if column.endswith("params"):
+    if column.endswith(("params", "nfe")):
         return f"{value:,.0f}"
     if "fid" in column or column.endswith("minutes"):
         return f"{value:.2f}"
@@ -92,7 +92,7 @@ def results_markdown(study: Study, rows: list[dict[str, Any]], command: str) -> 
               and k not in (*BOOKKEEPING, "train_minutes", "trainable_params")]
     untrained = [k for k in ordered if k.startswith(UNTRAINED)]
     summary = [k for k in ("overall", "untrained_overall", "fid", "untrained_fid", "diversity", "untrained_diversity",
-                           "understanding_overall", "untrained_understanding_overall") if k in present]
+                           "understanding_overall", "untrained_understanding_overall", "search_overall", "search_nfe") if k in present]
     summary += [k for k in ordered if k.startswith("images_per_s_")]
     summary += [k for k in ("train_minutes", "trainable_params", "total_params") if k in present]
     titles = {k: k.replace("images_per_s_", "images/s ").replace("untrained_", "untrained ").replace("_", " ") for k in summary}
@@ -111,7 +111,9 @@ def results_markdown(study: Study, rows: list[dict[str, Any]], command: str) -> 
         "overall: the evaluator's overall score (mean of its categories, 0-1); FID: Frechet distance of the "
         "samples to the val images in the tiny CLIP's features (lower = closer to real images); diversity: mean "
         "pairwise feature distance between draws of one prompt (0 = every draw the same); understanding "
-        "overall: captions of held-out images scored against the truth; images/s: training throughput per "
+        "overall: captions of held-out images scored against the truth; search overall: the overall score of the "
+        "samples an inference-time search picked (evaluation.search), search nfe: the generator evaluations per "
+        "prompt it spent; images/s: training throughput per "
         "stage; train minutes: training wall time of all stages, evaluations excluded.",
         "",
         markdown_table(groups, summary, titles) if summary else "(no variant finished yet)",
