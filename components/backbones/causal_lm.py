@@ -162,8 +162,27 @@ class CausalLMBackbone(nn.Module):
         is True at real tokens, False at padding.
         """
         inputs, mask, positions = self._generation_inputs(captions)
-        output = self.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, output_hidden_states=True)
-        return torch.stack(output.hidden_states[1:], dim=1), mask.bool()
+        # The layers' outputs are read by hooks removed again at once, not with transformers'
+        # `output_hidden_states`: that installs hooks of local functions for good, and a model
+        # holding them can no longer be pickled (data-parallel training spawns it).
+        layers = self._decoder_layers()
+        states: list[torch.Tensor] = []
+        handles = [layer.register_forward_hook(lambda module, args, out: states.append(out[0] if isinstance(out, tuple) else out))
+                   for layer in layers[:-1]]
+        try:
+            last = self.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.stack([*states, last], dim=1), mask.bool()
+
+    def _decoder_layers(self) -> nn.ModuleList:
+        """The LM's stack of decoder layers: the ModuleList of `num_hidden_layers` modules in its base model."""
+        count = self.lm.config.num_hidden_layers
+        for module in self.lm.base_model.children():
+            if isinstance(module, nn.ModuleList) and len(module) == count:
+                return module
+        raise RuntimeError(f"found no stack of {count} decoder layers in {type(self.lm.base_model).__name__} to read hidden states from")
 
     # ------------------------------------------------------------ understanding
     def _require_vision(self) -> None:

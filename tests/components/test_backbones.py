@@ -127,3 +127,16 @@ def test_hidden_states_hold_every_layer_and_the_padding(backbone):
     assert torch.equal(states[:, -1, -5:], backbone.condition(captions))
     # Earlier layers differ from the last: there is something deeper to read.
     assert (states[:, 0, -5:] - states[:, -1, -5:]).abs().max() > 1e-2
+    # They are what transformers reports as each layer's output (its first entry is the embeddings).
+    inputs, attention, positions = backbone._generation_inputs(captions)
+    reported = backbone.lm.base_model(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, output_hidden_states=True)
+    assert all(torch.equal(states[:, i], reported.hidden_states[i + 1]) for i in range(SMALL["num_hidden_layers"]))
+
+
+def test_reading_hidden_states_leaves_the_backbone_picklable(backbone):
+    # Data-parallel training spawns the model pickled; transformers' output_hidden_states would leave
+    # unpicklable hooks behind.
+    import pickle
+
+    backbone.hidden_states(["a red circle"])
+    assert pickle.loads(pickle.dumps(backbone)).hidden_states(["a red circle"])[0].shape == (1, SMALL["num_hidden_layers"], 3 + 5, 32)
