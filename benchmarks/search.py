@@ -14,6 +14,11 @@ The `oracle` verifier *is* the evaluator: its rows say how far a search can push
 the judge is exact, not what a deployable verifier does. `self` is the model's own understanding
 path (it captions its sample and the caption is compared with the prompt).
 
+Cost: each method x verifier samples the budget's candidates for every prompt (6 x 8 = 48 sampler
+runs over the prompts at the defaults), the baseline 1 + 2 + 4 + 8 = 15 runs' worth of steps; at
+the defaults (128 prompts, 20 steps, the default recipe's model) about 13 min per trained run on
+2 CPU cores, estimated from counted FLOPs and the studies' evaluation times.
+
 Writes `<out>/<machine>/search.{json,md,png}` (`search-quick.*` for --quick): a row per
 (method, verifier, budget) with the score mean ± std over runs x seeds, and the plot of overall
 against NFE, one line per method and verifier.
@@ -55,7 +60,7 @@ def measure_run(run_dir: Path, args) -> list[dict]:
     datamodule = instantiate(recipe.data, _convert_="all")
     datamodule.setup("fit")
     prompts = datamodule.prompts("val", args.prompts)
-    steps = args.steps or recipe.evaluation.steps or recipe.objective.get("sample_steps", 30)
+    steps = args.steps
     points = []
     for name in args.verifiers:
         verifier = build_verifier(name, model, recipe, datamodule)
@@ -156,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--verifiers", nargs="+", default=list(VERIFIERS), choices=VERIFIERS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds per run (default 0)")
-    parser.add_argument("--prompts", type=int, default=256, help="val prompts (default 256)")
-    parser.add_argument("--steps", type=int, default=None, help="Euler steps per sample (default: the run's evaluation.steps, else the objective's)")
+    parser.add_argument("--prompts", type=int, default=128, help="val prompts (default 128)")
+    parser.add_argument("--steps", type=int, default=20, help="Euler steps per sample (default 20, as the studies evaluate)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance (default: the run's objective.guidance)")
     parser.add_argument("--step", type=float, default=0.5, help="zero-order neighbourhood size (default 0.5)")
     parser.add_argument("--neighbours", type=int, default=2, help="zero-order candidates per round (default 2)")
