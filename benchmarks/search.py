@@ -75,7 +75,7 @@ def measure_run(run_dir: Path, args) -> list[dict]:
                     points.append({"run": str(run_dir), "seed": seed, "method": method, "verifier": name, "budget": budget,
                                    "nfe": result.nfe(budget), "steps": steps, "verifier_score": float(verified.mean()),
                                    **{key: scores[key] for key in SCORES}})
-                print(f"[search] {run_dir.name} seed {seed} {method} + {name}: budget {max(args.budgets)} in "
+                print(f"[search] {run_dir} seed {seed} {method} + {name}: budget {max(args.budgets)} in "
                       f"{time.perf_counter() - start:.0f} s, overall {points[-len(args.budgets)]['overall']:.3f} -> "
                       f"{points[-1]['overall']:.3f}", file=sys.stderr, flush=True)
     if args.steps_baseline:

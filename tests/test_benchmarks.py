@@ -34,6 +34,7 @@ from benchmarks.report import machine_slug  # noqa: E402
 from benchmarks.row_guard import RowLimits, RowTooSlow, StepClock, estimated_step_bytes, precheck  # noqa: E402
 from benchmarks.variants import VariantsConfig, run_variants, variants_markdown  # noqa: E402
 from unizoo.components.backbones.causal_lm import LM_SIZES  # noqa: E402
+from unizoo.components.conditioning.queries import QueryConditioning  # noqa: E402
 from unizoo.components.generators.attention import attention  # noqa: E402
 from unizoo.config.composition import compose_recipe  # noqa: E402
 from unizoo.studies.study import DESIGN_SPACE, load_study  # noqa: E402
@@ -592,6 +593,7 @@ def test_condition_use_and_recovery_of_an_oracle_generator():
     model = SimpleNamespace(
         objective=FlowMatching(prediction="x0", guidance=1.0, sample_steps=10), generator=Oracle(),
         backbone=SimpleNamespace(condition=lambda texts: torch.tensor([float(t) for t in texts]).view(-1, 1, 1)),
+        conditioning=QueryConditioning(),  # the model's read of the backbone: its query condition
         representation=SimpleNamespace(decode=lambda tokens: tokens),
     )
     use = condition_use(model, targets, captions)

@@ -76,19 +76,25 @@ class LatteDiT(DiT):
     def forward(self, x, t, cond, cond_mask=None):
         """Predict ``(B, N, C)``; each sample runs the blocks of its noise level's group only."""
         h, c, block_c, stacks, cond_mask = self.embed(x, t, cond, cond_mask)
-        group = self.group_of(t)
+        # Which blocks run depends on the noise levels: read once per call on the host (one
+        # device sync on a GPU), then every group's rows are known without another.
+        groups = self.group_of(t).tolist()
         for k, blocks in enumerate(self.group_blocks):
-            rows = (group == k).nonzero().squeeze(1)
-            if rows.numel() == 0 and not torch.is_grad_enabled():
+            rows = [row for row, group in enumerate(groups) if group == k]
+            if len(rows) == len(groups):  # the whole batch (every sampling step): no gather, no scatter
+                h = self.run_blocks(blocks, h, block_c, stacks, cond_mask)
                 continue
+            if not rows and not torch.is_grad_enabled():
+                continue
+            index = torch.tensor(rows, dtype=torch.long, device=h.device)
             part = self.run_blocks(
                 blocks,
-                h.index_select(0, rows),
-                block_c.index_select(0, rows),
-                stacks.index_select(0, rows),
-                None if cond_mask is None else cond_mask.index_select(0, rows),
+                h.index_select(0, index),
+                block_c.index_select(0, index),
+                stacks.index_select(0, index),
+                None if cond_mask is None else cond_mask.index_select(0, index),
             )
-            h = h.index_copy(0, rows, part)
+            h = h.index_copy(0, index, part)
         return self.final_layer(h, c)
 
 

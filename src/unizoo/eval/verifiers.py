@@ -66,18 +66,17 @@ class SelfVerifier:
                 f"strategy=sequential, or another verifier ({', '.join(v for v in VERIFIERS if v != 'self')})"
             )
         self.model = model
-        self.captions: list[str] = []  # the last call's captions, for a look at what the model read
 
     def __call__(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.backbone.parameters()).device
-        self.captions = []
+        captions = []
         for start in range(0, len(images), CAPTION_BATCH):
-            self.captions += self.model.backbone.caption(images[start : start + CAPTION_BATCH].to(device))
+            captions += self.model.backbone.caption(images[start : start + CAPTION_BATCH].to(device))
         self.model.train(was_training)
         scores = []
-        for caption, prompt in zip(self.captions, prompts, strict=True):
+        for caption, prompt in zip(captions, prompts, strict=True):
             right = compare_captions(caption, prompt)
             scores.append(sum(right[name] for name in ATTRIBUTES) / len(ATTRIBUTES))
         return torch.tensor(scores)
@@ -111,9 +110,10 @@ def build_verifier(name: str, model: UnifiedModel, recipe: DictConfig, datamodul
 
 
 def _checked(name: str, verifier: Verifier) -> Verifier:
+    """`verifier`, refusing prompts its parser cannot read with a message instead of a traceback."""
+
     def verify(prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
         _check_prompts(name, prompts)
         return verifier(prompts, images)
 
-    verify.inner = verifier  # the verifier itself (SelfVerifier keeps its last captions)
     return verify
