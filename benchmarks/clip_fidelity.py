@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from unizoo.components.conditioning.condition import select_rows
+
 from .report import environment, machine_slug
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -211,8 +213,8 @@ def condition_use(model, targets: torch.Tensor, captions: list[str]) -> dict[str
     A generator that learned the prompt has `true` well below `shuffled` and `null`; at sigma 1
     (pure noise) `1 - true / null` is the share of the target's variance the prompt explains.
     """
-    condition = model.backbone.condition(captions)
-    other = condition[torch.roll(torch.arange(len(captions)), 1)]
+    condition = model.conditioning(model.backbone, captions)
+    other = select_rows(condition, torch.roll(torch.arange(len(captions)), 1))
     null = model.generator.drop_condition(condition, torch.ones(len(captions), dtype=torch.bool))
     noise = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1))
     result = {}
@@ -229,7 +231,7 @@ def condition_use(model, targets: torch.Tensor, captions: list[str]) -> dict[str
 def recovery(model, evaluator, targets: torch.Tensor, captions: list[str], steps: int | None) -> dict[str, float]:
     """Evaluator overall of real tokens noised to sigma and integrated back by the generator (the true caption,
     the recipe's guidance and steps), per starting sigma: where between noise and data generation goes wrong."""
-    condition = model.backbone.condition(captions)
+    condition = model.conditioning(model.backbone, captions)
     scores = {}
     for start in RECOVERY_SIGMAS:
         # The same noise (seed 1) for every start: only where the path begins differs.

@@ -117,7 +117,7 @@ def _breakdown(model, stage, batch, device, cfg: VariantsConfig) -> dict:
     part = split_batch(batch, stage.mixture, list(stage.losses))[GENERATION_LOSS]
     with torch.no_grad():
         targets = model.representation.encode(part["image"])
-        condition = model.backbone.condition(part["caption"])
+        condition = model.conditioning(model.backbone, part["caption"])
 
     def generator_step():
         model.generator.zero_grad(set_to_none=True)

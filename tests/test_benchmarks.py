@@ -34,6 +34,7 @@ from benchmarks.report import machine_slug  # noqa: E402
 from benchmarks.row_guard import RowLimits, RowTooSlow, StepClock, estimated_step_bytes, precheck  # noqa: E402
 from benchmarks.variants import VariantsConfig, run_variants, variants_markdown  # noqa: E402
 from unizoo.components.backbones.causal_lm import LM_SIZES  # noqa: E402
+from unizoo.components.conditioning.queries import QueryConditioning  # noqa: E402
 from unizoo.components.generators.attention import attention  # noqa: E402
 from unizoo.config.composition import compose_recipe  # noqa: E402
 from unizoo.studies.study import DESIGN_SPACE, load_study  # noqa: E402
@@ -592,6 +593,7 @@ def test_condition_use_and_recovery_of_an_oracle_generator():
     model = SimpleNamespace(
         objective=FlowMatching(prediction="x0", guidance=1.0, sample_steps=10), generator=Oracle(),
         backbone=SimpleNamespace(condition=lambda texts: torch.tensor([float(t) for t in texts]).view(-1, 1, 1)),
+        conditioning=QueryConditioning(),  # the model's read of the backbone: its query condition
         representation=SimpleNamespace(decode=lambda tokens: tokens),
     )
     use = condition_use(model, targets, captions)
@@ -697,3 +699,45 @@ def test_peer_adaln_flag_overrides_the_peer_s_modulation():
     assert _configs(args, torch.device("cpu"))[1].adaln == "zero"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["peer", "--adaln", "none"])
+
+
+def test_latte_benchmark_times_equal_parameters_and_reads_a_study(tmp_path):
+    from benchmarks.latte import main as latte_main
+
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.yaml").write_text("recipe: default\naxes:\n  - group: generator\n    choices:\n      dit: []\n"
+                                      "      latte_dit: [generator.groups=2]\nseeds: 2\n")
+    (study / "results.csv").write_text(
+        "variant,generator,seed,status,overall,strict_overall,images_per_s_generation,steps\n"
+        "dit,dit,0,done,0.5,0.4,100,1500\ndit,dit,1,done,0.7,0.6,110,1500\nlatte_dit,latte_dit,0,done,0.4,0.3,150,1500\n"
+    )
+    assert latte_main(["--quick", "--groups", "2", "4", "--study", str(study), "--out", str(tmp_path), "--threads", "1"]) == 0
+    folder = tmp_path / machine_slug(torch.device("cpu"))
+    result = json.loads((folder / "latte-quick.json").read_text())
+    rows = {row["name"]: row for row in result["speed"]}
+    assert list(rows) == ["dit", "latte_dit G=2", "latte_dit G=4"]
+    assert len({row["generator_params"] for row in rows.values()}) == 1  # equal parameters
+    assert [row["blocks_per_step"] for row in rows.values()] == [4, 2, 1]
+    assert result["scores"]["dit"]["overall"]["mean"] == pytest.approx(0.6) and result["scores"]["latte_dit"]["groups"] == 2
+    md = (folder / "latte-quick.md").read_text()
+    assert "| dit | 4 of 4 |" in md and "| 0.600 ± 0.141 |" in md and re.search(r"\| latte_dit G=2 \| 2 of 4 \| .* \| 0\.400 \| 0\.300 \| 1 \| 150\.0 \|", md)
+
+
+def test_search_benchmark_scores_every_method_and_verifier(tmp_path):
+    from benchmarks.search import main as search_main
+    from conftest import STAGE_STEPS, TINY_OVERRIDES
+    from unizoo.training.train import train
+
+    run = train(compose_recipe("default", [*TINY_OVERRIDES, "strategy=joint", *STAGE_STEPS["joint"], f"run_root={tmp_path / 'runs'}"]))
+    assert search_main([str(run), "--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    folder = tmp_path / machine_slug(torch.device("cpu"))
+    result = json.loads((folder / "search-quick.json").read_text())
+    keys = {(r["method"], r["verifier"], r["budget"]) for r in result["rows"]}
+    assert keys == {(m, v, b) for m in ("random", "zero_order") for v in ("oracle", "agreement", "self") for b in (1, 2)} | {
+        ("more steps", "–", 1), ("more steps", "–", 2)}
+    for row in result["rows"]:
+        assert row["nfe"] == 4 * row["budget"]  # 2 steps x [cond; uncond] per candidate, or 2 x budget steps
+    budget_one = [r["overall"]["mean"] for r in result["rows"] if r["budget"] == 1]
+    assert len(set(budget_one)) == 1  # budget 1 is plain sampling whatever the method and verifier
+    assert (folder / "search-quick.png").stat().st_size > 10_000 and "| zero_order | self | 2 | 8 |" in (folder / "search-quick.md").read_text()

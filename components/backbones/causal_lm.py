@@ -146,8 +146,9 @@ class CausalLMBackbone(nn.Module):
         device = self.queries.device
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
-    def condition(self, captions: list[str]) -> torch.Tensor:
-        """Generation condition `(B, Q, D)`: the LM's last hidden states at the query positions."""
+    def _generation_inputs(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The LM's input for generation: caption embeddings then the queries `(B, T, D)`, T = L + Q,
+        with the attention mask `(B, T)` (0 on the caption's left padding) and the position ids `(B, T)`."""
         ids, mask = self.tokenize(captions)
         text = self.lm.get_input_embeddings()(ids)
         batch = ids.shape[0]
@@ -157,8 +158,45 @@ class CausalLMBackbone(nn.Module):
         # Positions count only real tokens, so a left-padded caption sees the same
         # positions as an unpadded one.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return inputs, mask, positions
+
+    def condition(self, captions: list[str]) -> torch.Tensor:
+        """Generation condition `(B, Q, D)`: the LM's last hidden states at the query positions."""
+        inputs, mask, positions = self._generation_inputs(captions)
         hidden = self.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
         return hidden[:, -self.num_queries :]
+
+    def hidden_states(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's hidden states over the whole generation input, for deeper conditioning.
+
+        Returns `(states (B, S, T, D), mask (B, T))`: S = the LM's layers (the output of each, the
+        last one after the final norm, so `states[:, -1, -Q:]` is `condition`'s; the embedding
+        layer's output is left out: it has read nothing of the caption), T = the caption's L
+        tokens, left-padded to the longest caption of the batch, then the Q queries; the mask
+        is True at real tokens, False at padding.
+        """
+        inputs, mask, positions = self._generation_inputs(captions)
+        # The layers' outputs are read by hooks removed again at once, not with transformers'
+        # `output_hidden_states`: that installs hooks of local functions for good, and a model
+        # holding them can no longer be pickled (data-parallel training spawns it).
+        layers = self._decoder_layers()
+        states: list[torch.Tensor] = []
+        handles = [layer.register_forward_hook(lambda module, args, out: states.append(out[0] if isinstance(out, tuple) else out))
+                   for layer in layers[:-1]]
+        try:
+            last = self.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.stack([*states, last], dim=1), mask.bool()
+
+    def _decoder_layers(self) -> nn.ModuleList:
+        """The LM's stack of decoder layers: the ModuleList of `num_hidden_layers` modules in its base model."""
+        count = self.lm.config.num_hidden_layers
+        for module in self.lm.base_model.children():
+            if isinstance(module, nn.ModuleList) and len(module) == count:
+                return module
+        raise RuntimeError(f"found no stack of {count} decoder layers in {type(self.lm.base_model).__name__} to read hidden states from")
 
     # ------------------------------------------------------------ understanding
     def _require_vision(self) -> None:

@@ -8,6 +8,11 @@ assembles them. Differences from the class-conditional original:
 * tokens come in already patchified (latent patches or CLIP features), ``(B, N, C)``;
 * the condition is a token sequence ``(B, Q, D)`` read by cross-attention in every
   block (PixArt-style), with a learned null condition for classifier-free guidance;
+  or a stack of them ``(B, S, T, D)``, one per backbone layer, spread over the blocks
+  (``conditioning=layerwise``); or text tokens that share each block's self-attention
+  with the image tokens (``condition_attention="joint"``, MM-DiT: :mod:`.joint_attention`).
+  Masked conditions (:class:`~unizoo.components.conditioning.condition.Condition`) carry
+  the padding of a caption's tokens;
 * the timestep is a flow-matching time ``t`` in [0, 1] rather than an integer step;
 * the modulation is ``adaln="zero"`` (DiT's: a ``Linear(width, 6·width)`` per block)
   or ``adaln="single"`` (PixArt-alpha's adaLN-single: one shared projection and a
@@ -24,11 +29,13 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from unizoo.components.conditioning.condition import Condition, condition_parts
 from unizoo.runtime.fabric import loop_device, placement
 from unizoo.runtime.precision import compute_dtype
 
 from .attention import require_backend
 from .dit_blocks import DiTBlock, FinalLayer, TimestepEmbedder
+from .joint_attention import JointDiTBlock
 
 DIT_SIZES = {
     "tiny": dict(depth=4, hidden_size=128, num_heads=4),
@@ -40,6 +47,20 @@ DIT_SIZES = {
     "L": dict(depth=24, hidden_size=1024, num_heads=16),
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
+
+
+# How the blocks read the condition: by cross-attention (DiTBlock) or in a self-attention shared
+# with the image tokens (JointDiTBlock, MM-DiT). Set by the conditioning recipe group.
+CONDITION_ATTENTIONS = {"cross": DiTBlock, "joint": JointDiTBlock}
+
+
+def stack_of_block(position: int, stacks: int, blocks: int) -> int:
+    """The condition stack block ``position`` (of ``blocks`` run in a row) reads: ``ceil((position + 1) S / blocks) - 1``.
+
+    Stacks (backbone layers) spread evenly over the blocks, the last block reading the last
+    stack; with one stack every block reads it.
+    """
+    return -(-(position + 1) * stacks // blocks) - 1
 
 
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -83,6 +104,9 @@ class DiT(nn.Module):
         aligned_condition: also add condition token i to token i (needs Q == N; image-feature decoders).
         adaln: ``"zero"`` (a modulation Linear per block, DiT) or ``"single"`` (one shared
             Linear plus a per-block table, PixArt-alpha's adaLN-single); see :class:`DiTBlock`.
+        condition_attention: ``"cross"`` (each block cross-attends to the condition) or
+            ``"joint"`` (text and image tokens share each block's self-attention, MM-DiT); the
+            same parameter count either way. Set by ``conditioning=joint_attention``.
     """
 
     def __init__(
@@ -98,8 +122,15 @@ class DiT(nn.Module):
         gradient_checkpointing: bool = False,
         aligned_condition: bool = False,
         adaln: str = "zero",
+        condition_attention: str = "cross",
     ):
         super().__init__()
+        if condition_attention not in CONDITION_ATTENTIONS:
+            raise ValueError(
+                f"generator.condition_attention={condition_attention!r}; valid choices: {', '.join(CONDITION_ATTENTIONS)} "
+                "(set by the conditioning recipe group: conditioning=joint_attention builds joint)"
+            )
+        self.condition_attention = condition_attention
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} not divisible by num_heads {num_heads}")
         self.token_dim, self.num_tokens, self.condition_dim = token_dim, num_tokens, condition_dim
@@ -125,9 +156,8 @@ class DiT(nn.Module):
         # Classifier-free guidance: stands in for "no condition" (see drop_condition).
         self.null_condition = nn.Parameter(torch.zeros(1, 1, condition_dim))
         self.adaln = adaln
-        self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, attention_backend, adaln) for _ in range(depth)
-        )
+        block = CONDITION_ATTENTIONS[condition_attention]
+        self.blocks = nn.ModuleList(block(hidden_size, num_heads, mlp_ratio, attention_backend, adaln) for _ in range(depth))
         # adaLN-single: the one projection of c every block's table is added to.
         self.shared_modulation = (
             nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)) if adaln == "single" else None
@@ -151,7 +181,7 @@ class DiT(nn.Module):
         for block in self.blocks:
             # adaLN-Zero gates -> self-attn and MLP branches are 0; a zero output
             # projection does the same for the (ungated) cross-attention branch.
-            zero += [block.cross_attn.proj]
+            zero += block.condition_outputs()
             if hasattr(block, "adaLN_modulation"):
                 zero.append(block.adaLN_modulation[-1])
         for layer in zero:
@@ -173,15 +203,25 @@ class DiT(nn.Module):
                         key="generator.attention_backend")
         self.attention_backend = backend
         for block in self.blocks:
-            block.attn.backend = block.cross_attn.backend = backend
+            block.set_attention_backend(backend)
 
-    def drop_condition(self, cond: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    def drop_condition(self, cond: torch.Tensor | Condition, drop: torch.Tensor) -> torch.Tensor | Condition:
         """Replace the whole sequence of rows where ``drop (B,)`` is True by the null token.
 
-        ``cond (B, Q, D)`` -> ``(B, Q, D)``; the null token is broadcast over Q.
+        ``cond (B, Q, D)`` (or ``(B, S, T, D)``) -> the same shape; the null token is broadcast
+        over every position. A masked :class:`Condition` stays one, and a dropped row's mask keeps
+        a single real token (the last position): the unconditional input is then the same for
+        every prompt, whatever the length of the captions padded into its batch.
         """
-        null = self.null_condition.to(cond.dtype).expand_as(cond)
-        return torch.where(drop.to(torch.bool).view(-1, 1, 1), null, cond)
+        tokens, mask = condition_parts(cond)
+        null = self.null_condition.to(tokens.dtype).expand_as(tokens)
+        drop = drop.to(torch.bool)
+        dropped = torch.where(drop.view(-1, *([1] * (tokens.dim() - 1))), null, tokens)
+        if mask is None:
+            return dropped
+        last_only = torch.zeros_like(mask, dtype=torch.bool)
+        last_only[:, -1] = True
+        return Condition(dropped, torch.where(drop.view(-1, 1), last_only, mask.to(torch.bool)))
 
     def forward(self, x, t, cond, cond_mask=None):
         """Predict ``(B, N, C)``.
@@ -189,27 +229,65 @@ class DiT(nn.Module):
         Args:
             x: ``(B, N, C)`` noisy tokens.
             t: ``(B,)`` float time in [0, 1].
-            cond: ``(B, Q, D)`` condition tokens.
-            cond_mask: optional bool ``(B, Q)``, True = real token.
+            cond: ``(B, Q, D)`` condition tokens, ``(B, S, Q, D)`` stacks of them (block i reads
+                stack :func:`stack_of_block`), or a :class:`Condition` (tokens and their mask).
+            cond_mask: optional bool ``(B, Q)``, True = real token (a :class:`Condition` brings its own).
+        """
+        x, c, block_c, stacks, cond_mask = self.embed(x, t, cond, cond_mask)
+        x = self.run_blocks(range(self.depth), x, block_c, stacks, cond_mask)
+        return self.final_layer(x, c)
+
+    def embed(self, x, t, cond, cond_mask=None):
+        """Everything before the blocks: ``(x (B, N, H), c (B, H), block_c, stacks (B, S, T, H), mask (B, T) | None)``.
+
+        ``c`` is the adaLN vector (time and pooled condition), ``block_c`` what the blocks are
+        modulated with (``c``, or its shared projection with adaLN-single), ``stacks`` the
+        embedded condition (S = 1 for a plain ``(B, Q, D)`` condition).
         """
         if x.shape[1:] != (self.num_tokens, self.token_dim):
             raise ValueError(
                 f"x must be (B, {self.num_tokens}, {self.token_dim}), got {tuple(x.shape)}"
             )
+        tokens, cond_mask = condition_parts(cond, cond_mask)
+        if tokens.dim() == 3:  # one stack; a view, so the arithmetic is that of the (B, Q, D) tensor
+            tokens = tokens.unsqueeze(1)
+        if self.condition_attention == "joint" and tokens.shape[1] != 1:
+            raise ValueError(
+                f"a generator with joint attention carries one text stream through its blocks: it reads one stack of "
+                f"condition tokens, got {tokens.shape[1]} (conditioning=layerwise is read by cross-attention)"
+            )
         x = self.x_embedder(x) + self.pos_embed
-        cond = self.cond_embedder(cond)
+        stacks = self.cond_embedder(tokens)
+        last = stacks[:, -1]
         if self.aligned_condition:
-            if cond.shape[1] != self.num_tokens:
-                raise ValueError(f"aligned_condition needs one condition token per token: {cond.shape[1]} != {self.num_tokens}")
-            x = x + cond
-        c = self.t_embedder(t) + self.pooled_embedder(_masked_mean(cond, cond_mask))
+            if last.shape[1] != self.num_tokens:
+                raise ValueError(f"aligned_condition needs one condition token per token: {last.shape[1]} != {self.num_tokens}")
+            x = x + last
+        c = self.t_embedder(t) + self.pooled_embedder(_masked_mean(last, cond_mask))
         block_c = c if self.shared_modulation is None else self.shared_modulation(c)
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, block_c, cond, cond_mask, use_reentrant=False)
+        return x, c, block_c, stacks, cond_mask
+
+    def run_blocks(self, indices, x, block_c, stacks, cond_mask=None):
+        """Run the blocks ``indices`` in order on ``x (B, N, H)``, reading the embedded condition ``stacks (B, S, T, H)``.
+
+        Cross-attention blocks read stack :func:`stack_of_block` of their position among
+        ``indices``; joint-attention blocks carry the text stream from one block to the next,
+        starting from the condition's tokens.
+        """
+        indices = list(indices)
+        text = stacks[:, 0]
+        for position, index in enumerate(indices):
+            block = self.blocks[index]
+            if self.condition_attention == "joint":
+                x, text = self._call(block, x, block_c, text, cond_mask)
             else:
-                x = block(x, block_c, cond, cond_mask)
-        return self.final_layer(x, c)
+                x = self._call(block, x, block_c, stacks[:, stack_of_block(position, stacks.shape[1], len(indices))], cond_mask)
+        return x
+
+    def _call(self, block, *inputs):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
 
 
 def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

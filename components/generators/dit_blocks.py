@@ -152,10 +152,7 @@ class DiTBlock(nn.Module):
             raise ValueError(f"unknown adaln {adaln!r}; choose one of {list(ADALN_MODES)}")
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(hidden_size, num_heads, backend)
-        # The condition does not depend on t, so cross-attention gets a plain
-        # (affine) pre-norm rather than adaLN.
-        self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.cross_attn = CrossAttention(hidden_size, num_heads, backend)
+        self.add_condition_layers(hidden_size, num_heads, backend)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.mlp = nn.Sequential(
@@ -168,6 +165,22 @@ class DiTBlock(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         else:
             self.scale_shift_table = nn.Parameter(torch.zeros(6, hidden_size))
+
+    def add_condition_layers(self, hidden_size: int, num_heads: int, backend: str) -> None:
+        """The layers by which the block reads the condition: a cross-attention and its pre-norm.
+
+        The condition does not depend on t, so cross-attention gets a plain (affine) pre-norm
+        rather than adaLN. (A subclass reads it otherwise: :class:`.joint_attention.JointDiTBlock`.)
+        """
+        self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, backend)
+
+    def condition_outputs(self) -> list[nn.Linear]:
+        """The projections that write what the block read of the condition, zero-initialised by the DiT so a new block is the identity."""
+        return [self.cross_attn.proj]
+
+    def set_attention_backend(self, backend: str) -> None:
+        self.attn.backend = self.cross_attn.backend = backend
 
     def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The six ``(B, C)`` vectors: shift, scale, gate of self-attention, then of the MLP."""

@@ -153,19 +153,24 @@ class FlowMatching(nn.Module):
         rng: torch.Generator | None = None,
         start: torch.Tensor | None = None,
         start_sigma: float = 1.0,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Tokens `(B, N, C)` integrated from noise in `steps` Euler steps, with classifier-free guidance.
 
-        `steps` and `guidance` default to the recipe's `sample_steps` and `guidance`. With
-        `start` (clean tokens `(B, N, C)`), the path begins part-way (SDEdit): `start` noised to
-        the first scheduled sigma at or below `start_sigma`, integrated from that step on.
+        `steps` and `guidance` default to the recipe's `sample_steps` and `guidance`. The noise is
+        `noise` `(B, N, C)` where given (a search over initial noises, `unizoo.eval.search`), else
+        drawn from `rng`. With `start` (clean tokens `(B, N, C)`), the path begins part-way
+        (SDEdit): `start` noised to the first scheduled sigma at or below `start_sigma`,
+        integrated from that step on.
         """
         steps = steps or self.sample_steps
         guidance = self.guidance if guidance is None else guidance
         batch, device = cond.shape[0], cond.device
         scheduler = self.scheduler(tuple(generator.token_shape))
         scheduler.set_timesteps(steps, device=device)
-        x = torch.randn((batch, *generator.token_shape), generator=rng, device="cpu").to(device, cond.dtype)
+        if noise is None:
+            noise = torch.randn((batch, *generator.token_shape), generator=rng, device="cpu")
+        x = noise.to(device, cond.dtype)
         first = 0
         if start is not None:
             first = int((scheduler.sigmas[:-1] <= start_sigma + 1e-6).nonzero()[0])

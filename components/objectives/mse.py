@@ -95,11 +95,12 @@ class MSERegression(nn.Module):
         steps: int | None = None,
         guidance: float | None = None,
         rng: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Tokens `(B, N, C)` from one deterministic forward pass; cond `(B, Q, D)`.
 
-        `steps` and `rng` are accepted and ignored: the signature is flow matching's so
-        that the model never branches on the objective. `guidance != 1` extrapolates
+        `steps`, `rng` and `noise` are accepted and ignored: the signature is flow matching's so
+        that the model never branches on the objective (a search over noises finds one image here). `guidance != 1` extrapolates
         `uncond + guidance * (cond - uncond)` as classifier-free guidance does, which
         only means something if the generator was trained with `condition_dropout > 0`;
         None takes the recipe's `guidance`.

@@ -5,6 +5,7 @@
     unizoo cache-targets targets=DIR [overrides ...]   (then: unizoo train targets=DIR [the same overrides])
     unizoo recipe [NAME] [overrides ...]
     unizoo sample RUN_DIR --prompt "two red circles" [--n 8 --steps 30 --guidance 3]
+                  [--search random|zero_order --budget 8 --verifier oracle|agreement|self]
     unizoo caption RUN_DIR IMAGE [IMAGE ...]
     unizoo shards FOLDER OUT [--samples-per-shard N]
     unizoo study [STUDY] [--select AXIS=A,B] [--seeds N] [--jobs N] [--out DIR] [--launcher local|slurm]
@@ -104,10 +105,17 @@ def command_sample(args: argparse.Namespace) -> int:
 
     if args.n < 1 or (args.steps is not None and args.steps < 1):
         raise UsageError(f"--n and --steps must be at least 1 (got --n {args.n}, --steps {args.steps})")
-    _, model = load_run(args.run_dir, args.checkpoint)
+    searching = {"--budget": args.budget, "--verifier": args.verifier, "--search-step": args.search_step, "--neighbours": args.neighbours}
+    if args.search is None and any(value is not None for value in searching.values()):
+        given = ", ".join(name for name, value in searching.items() if value is not None)
+        raise UsageError(f"{given} set how a search runs: add --search random or --search zero_order")
+    recipe, model = load_run(args.run_dir, args.checkpoint)
     warn_unknown_words(model.backbone.tokenizer, [args.prompt], run_vocabulary(args.run_dir))
     prompts = [args.prompt] * args.n
-    images = model.generate(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    if args.search is None:
+        images = model.generate(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    else:
+        images = _searched(args, recipe, model, prompts)
     slug = re.sub(r"[^a-z0-9]+", "_", args.prompt.lower()).strip("_")[:60] or "prompt"
     out = Path(args.out) if args.out else Path(args.run_dir) / "samples" / slug
     paths = save_images(images, out)
@@ -116,6 +124,29 @@ def command_sample(args: argparse.Namespace) -> int:
         print(path)
     log.info("wrote %d images and grid.png to %s", len(paths), out)
     return 0
+
+
+def _searched(args: argparse.Namespace, recipe, model, prompts: list[str]):
+    """`unizoo sample --search`: the best of `--budget` samples per image by the verifier (unizoo.eval.search)."""
+    from hydra.utils import instantiate
+
+    from unizoo.eval.search import check_search, search
+    from unizoo.eval.verifiers import build_verifier
+
+    budget, verifier = args.budget or 8, args.verifier or "oracle"
+    step, neighbours = args.search_step or 0.5, args.neighbours or 2
+    check_search(args.search, budget, step, neighbours)
+    datamodule = instantiate(recipe.data, _convert_="all")  # the verifiers read the run's data (its tiny CLIP, its evaluator)
+    datamodule.setup("fit")
+    result = search(model, prompts, build_verifier(verifier, model, recipe, datamodule), args.search, budget,
+                    args.steps, args.guidance, args.seed, step, neighbours)
+    plain = result.candidate_scores[0]
+    log.info(
+        "search %s, budget %d, verifier %s: %.0f generator evaluations per image (plain sampling: %.0f); verifier score "
+        "%.3f (plain sampling's noise: %.3f); chosen candidates %s",
+        args.search, budget, verifier, result.nfe(), result.nfe(1), result.scores.mean(), plain.mean(), result.chosen.tolist(),
+    )
+    return result.images
 
 
 def command_caption(args: argparse.Namespace) -> int:
@@ -199,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     sample.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint other than the last stage's")
     sample.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/samples/<prompt>)")
+    sample.add_argument("--search", choices=["random", "zero_order"], default=None,
+                        help="search over initial noises with a verifier (Ma et al.): random (best of --budget) or zero_order (hill climb)")
+    sample.add_argument("--budget", type=int, default=None, help="with --search: samples drawn per image (default 8; 1 = plain sampling)")
+    sample.add_argument("--verifier", choices=["oracle", "agreement", "self"], default=None,
+                        help="with --search: oracle (the shapes evaluator), agreement (tiny CLIP), self (the model captions its sample; default oracle)")
+    sample.add_argument("--search-step", type=float, default=None, help="with --search zero_order: neighbourhood size in (0, 1] (default 0.5)")
+    sample.add_argument("--neighbours", type=int, default=None, help="with --search zero_order: candidates per round (default 2)")
     sample.set_defaults(run=command_sample)
 
     caption = commands.add_parser("caption", help="caption images with a trained run's backbone")

@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from unizoo.components.conditioning.queries import QueryConditioning
 from unizoo.components.strategies.stages import Stage
 from unizoo.runtime.schedules import warmup_cosine
 
@@ -86,12 +87,15 @@ class UnifiedModel(L.LightningModule):
         objective: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         warmup_steps: int = 100,
+        conditioning: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.representation = representation
         self.backbone = backbone
         self.generator = generator
         self.objective = objective
+        # What the generator reads of the backbone (recipes/conditioning/); None: the query tokens' last states.
+        self.conditioning = conditioning if conditioning is not None else QueryConditioning()
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
         self.stage: Stage | None = None
@@ -136,7 +140,7 @@ class UnifiedModel(L.LightningModule):
         # encode() would return, extracted once for every representation alike; a present-key check,
         # not a branch on the representation.
         targets = batch["target"] if "target" in batch else self.representation.encode(batch["image"])
-        condition = self.backbone.condition(batch["caption"])
+        condition = self.conditioning(self.backbone, batch["caption"])
         return self.objective.loss(self.generator, targets, condition, rng=self.step_rng)
 
     def understanding_loss(self, batch: Batch) -> torch.Tensor:
@@ -192,26 +196,39 @@ class UnifiedModel(L.LightningModule):
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 64
+        self, prompts: list[str], steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 64,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Images `(len(prompts), 3, H, W)` in [-1, 1]; the same seed gives the same images.
 
-        `steps` / `guidance` of None take the objective's recipe defaults.
+        `steps` / `guidance` of None take the objective's recipe defaults. `noise`
+        `(len(prompts), N, C)`: the initial noise to start from (None: `initial_noise(len(prompts), seed)`).
         """
-        return self.generate_with_tokens(prompts, steps, guidance, seed, batch_size)[0]
+        return self.generate_with_tokens(prompts, steps, guidance, seed, batch_size, noise)[0]
+
+    def initial_noise(self, count: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+        """The initial noise `(count, N, C)` `generate` starts `count` prompts from under `seed` (on the CPU)."""
+        rng = torch.Generator().manual_seed(seed)
+        shape = tuple(self.generator.token_shape)
+        return torch.cat([torch.randn((min(batch_size, count - start), *shape), generator=rng) for start in range(0, count, batch_size)])
 
     @torch.no_grad()
     def generate_with_tokens(
-        self, prompts: list[str], steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 64
+        self, prompts: list[str], steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 64,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`generate`'s images and the generated target tokens `(len(prompts), N, C)` they were decoded from."""
         was_training = self.training
         self.eval()
         rng = torch.Generator().manual_seed(seed)
+        if noise is None:
+            noise = self.initial_noise(len(prompts), seed, batch_size)
         images, generated = [], []
         for start in range(0, len(prompts), batch_size):
-            condition = self.backbone.condition(prompts[start : start + batch_size])
-            tokens = self.objective.sample(self.generator, condition, steps=steps, guidance=guidance, rng=rng)
+            condition = self.conditioning(self.backbone, prompts[start : start + batch_size])
+            tokens = self.objective.sample(
+                self.generator, condition, steps=steps, guidance=guidance, rng=rng, noise=noise[start : start + batch_size]
+            )
             images.append(self.representation.decode(tokens).float().cpu())
             generated.append(tokens.float().cpu())
         self.train(was_training)

@@ -114,3 +114,29 @@ def test_understanding_loss_learns_to_caption():
 def test_understanding_without_a_vision_encoder_is_a_clear_error(backbone):
     with pytest.raises(RuntimeError, match="vision_encoder"):
         backbone.understanding_loss(torch.zeros(1, 3, 32, 32), ["a red circle"])
+
+
+def test_hidden_states_hold_every_layer_and_the_padding(backbone):
+    captions = ["a red circle", "a red circle above a blue square"]
+    states, mask = backbone.hidden_states(captions)
+    short, long = (len(backbone.tokenizer(c)["input_ids"]) for c in captions)
+    assert states.shape == (2, SMALL["num_hidden_layers"], long + 5, 32) and mask.dtype == torch.bool
+    # Left padding: the short caption's first positions are padding, the queries never are.
+    assert mask[0].tolist() == [False] * (long - short) + [True] * (short + 5) and mask[1].all()
+    # The last layer at the query positions is the shallow condition, exactly.
+    assert torch.equal(states[:, -1, -5:], backbone.condition(captions))
+    # Earlier layers differ from the last: there is something deeper to read.
+    assert (states[:, 0, -5:] - states[:, -1, -5:]).abs().max() > 1e-2
+    # They are what transformers reports as each layer's output (its first entry is the embeddings).
+    inputs, attention, positions = backbone._generation_inputs(captions)
+    reported = backbone.lm.base_model(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, output_hidden_states=True)
+    assert all(torch.equal(states[:, i], reported.hidden_states[i + 1]) for i in range(SMALL["num_hidden_layers"]))
+
+
+def test_reading_hidden_states_leaves_the_backbone_picklable(backbone):
+    # Data-parallel training spawns the model pickled; transformers' output_hidden_states would leave
+    # unpicklable hooks behind.
+    import pickle
+
+    backbone.hidden_states(["a red circle"])
+    assert pickle.loads(pickle.dumps(backbone)).hidden_states(["a red circle"])[0].shape == (1, SMALL["num_hidden_layers"], 3 + 5, 32)

@@ -46,6 +46,22 @@ def test_agreement_is_clipscore_computed_by_hand(random_clip_dir):
     assert CaptionImageAgreement(random_clip_dir)(prompts, list(images))["agreement"] == pytest.approx(score, abs=1e-5)
 
 
+def test_per_pair_scores_are_the_cosines_whose_mean_is_the_agreement(random_clip_dir):
+    prompts = ["a red circle", "a blue square", "a red square", "a blue circle"] * 20  # more than one batch of 64
+    images = torch.rand(80, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    agreement = CaptionImageAgreement(random_clip_dir)
+    pairs = agreement.per_pair(prompts, images)
+    model = CLIPModel.from_pretrained(random_clip_dir).eval()
+    tokenizer = clip_tokenizer(["a", "red", "blue", "circle", "square"])
+    with torch.no_grad():
+        text = tokenizer(prompts[:4], padding=True, return_tensors="pt")
+        text_embeds = model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask).pooler_output
+        image_embeds = model.get_image_features(pixel_values=preprocess(images[:4], 32, CLIP_MEAN, CLIP_STD)).pooler_output
+    assert pairs.shape == (80,)
+    torch.testing.assert_close(pairs[:4], 100 * F.cosine_similarity(image_embeds, text_embeds, dim=-1), rtol=0, atol=1e-4)
+    assert agreement(prompts, images)["agreement"] == pytest.approx(max(pairs.mean().item(), 0.0), abs=1e-4)
+
+
 def test_agreement_is_zero_floored_and_bounded(random_clip_dir):
     agreement = CaptionImageAgreement(random_clip_dir)
     images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1

@@ -18,7 +18,8 @@ Conventions a component can use in its annotations (nothing else is needed):
   function, a decoder's generator arguments); its keys are checked against `fn`.
 - a `TypedDict` annotation: a dict whose keys have types of their own.
 - a factory `def dit(size, **overrides) -> DiT` forwards its `**kwargs` to the class it
-  returns, so keys it does not name are checked against that class.
+  returns, so keys it does not name are checked against that class; a unizoo class whose
+  `__init__` takes `**kwargs` forwards them to its base class (`LatteDiT(DiT)`).
 
 Parameters without annotations fall back to the type of their default (int, float, bool).
 Annotations the check cannot read, or types a YAML value could never be (a tensor, a
@@ -186,7 +187,14 @@ def _parameters(target: Callable[..., Any]) -> dict[str, tuple[Any, str]]:
         returned = _evaluate(signature.return_annotation, function)
         if inspect.isclass(returned) and returned is not target:
             found = {**_parameters(returned), **found}
+    elif forwards and _defines_init(target.__base__):  # a subclass handing its **kwargs to super().__init__
+        found = {**_parameters(target.__base__), **found}
     return found
+
+
+def _defines_init(cls: type) -> bool:
+    """Whether `cls` is a class of a component (not `object` or a library's bare base) with an `__init__` of its own."""
+    return cls is not None and cls is not object and cls.__module__.startswith("unizoo") and "__init__" in vars(cls)
 
 
 def _evaluate(annotation: Any, function: Any) -> Any:

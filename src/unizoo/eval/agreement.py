@@ -97,8 +97,25 @@ class CaptionImageAgreement:
         processor = _Processor(
             tokenizer, model.config.vision_config.image_size, mean, std, model.config.text_config.max_position_embeddings
         )
-        self.metric = CLIPScore(model_name_or_path=lambda: (_Embeddings(model), processor))
+        self.embeddings, self.processor = _Embeddings(model), processor
+        self.metric = CLIPScore(model_name_or_path=lambda: (self.embeddings, self.processor))
         log.info("caption-image agreement: CLIPScore with the CLIP at %s", directory)
+
+    @torch.no_grad()
+    def per_pair(self, prompts: Sequence[str], images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(B,)``: 100 x the cosine of each image's embedding and its prompt's, unfloored (CLIPScore's per-pair
+        score, whose mean it floors at 0): a verifier ranks images by it (``unizoo.eval.verifiers``)."""
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
+        scores = []
+        for start in range(0, len(prompts), BATCH):
+            batch = [image.float().cpu() for image in images[start : start + BATCH]]
+            image_features = self.embeddings.get_image_features(**self.processor(images=batch))
+            text_features = self.embeddings.get_text_features(**self.processor(text=list(prompts[start : start + BATCH])))
+            image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+            text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+            scores.append(100 * (image_features * text_features).sum(-1))
+        return torch.cat(scores).float()
 
     def __call__(self, prompts: Sequence[str], images: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, float]:
         if len(prompts) != len(images):

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the study's `seeds`)")
     parser.add_argument("--jobs", type=int, default=None, help="variants in flight at once (default 1 locally, all on SLURM)")
     parser.add_argument("--out", type=Path, default=None, help=f"the study folder (default {DEFAULT_ROOT}/<study>)")
-    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="recipe overrides every variant gets after the study's own, e.g. strategy.generation_steps=50")
     parser.add_argument("--report", action="store_true", help="only rewrite the report from the variants already run")
     group = parser.add_argument_group("launcher (defaults: the study file's `launcher:` block)")

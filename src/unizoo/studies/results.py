@@ -6,6 +6,7 @@ that finished, the scores after its last stage and before training:
     <key>                    every float the generation evaluator returns (overall, the
                              categories, and any key an evaluator adds later)
     understanding_<key>      every float of the understanding score (backbones that read images)
+    search_<key>             every float of the searched samples' scores (evaluation.search)
     fid, diversity, ...      every other float score of the evaluation
     untrained_<column>       the same columns before training
     images_per_s_<stage>, train_seconds_<stage>, trainable_params_<stage>   per stage
@@ -44,6 +45,9 @@ def flatten_scores(scores: dict[str, Any]) -> dict[str, float]:
     for key, value in scores.get("understanding", {}).items():
         if isinstance(value, float):
             columns[f"understanding_{key}"] = value
+    for key, value in scores.get("search", {}).items():  # evaluation.search: the searched samples' scores
+        if isinstance(value, float):
+            columns[f"search_{key}"] = value
     for key, value in scores.items():
         if key not in ("generation", "understanding") and isinstance(value, float):
             columns[key] = value

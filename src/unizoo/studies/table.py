@@ -15,7 +15,7 @@ from unizoo.studies.study import Study
 
 LOWER_IS_BETTER = ("fid", "fid_clip", "train_minutes")
 TEXT_COLUMNS = (CONVERGED,)
-NEVER_BEST = ("total_params", "trainable_params")
+NEVER_BEST = ("total_params", "trainable_params", "search_nfe", "untrained_search_nfe")  # counts, not scores
 THROUGHPUT_PREFIXES = ("images_per_s_", "train_seconds_", "trainable_params_")
 BOOKKEEPING = ("total_params", "steps", "seconds_total")
 
@@ -25,7 +25,7 @@ def _numbers(rows: list[dict[str, Any]], column: str) -> list[float]:
 
 
 def _format(column: str, value: float) -> str:
-    if column.endswith("params"):
+    if column.endswith(("params", "nfe")):
         return f"{value:,.0f}"
     if "fid" in column or column.endswith("minutes"):
         return f"{value:.2f}"
@@ -121,7 +121,7 @@ def results_markdown(study: Study, rows: list[dict[str, Any]], command: str, fea
               and k not in (*BOOKKEEPING, "train_minutes", "trainable_params", CONVERGED_STATE)]
     untrained = [k for k in ordered if k.startswith(UNTRAINED)]
     summary = [k for k in ("overall", "untrained_overall", CONVERGED, "fid", "untrained_fid", "fid_clip", "untrained_fid_clip",
-                           "diversity", "untrained_diversity", "understanding_overall", "untrained_understanding_overall")
+                           "diversity", "untrained_diversity", "understanding_overall", "untrained_understanding_overall", "search_overall", "search_nfe")
                if k in present]
     summary += [k for k in ordered if k.startswith("images_per_s_")]
     summary += [k for k in ("train_minutes", "trainable_params", "total_params") if k in present]
@@ -148,7 +148,9 @@ def results_markdown(study: Study, rows: list[dict[str, Any]], command: str, fea
         f"val images {_features_line(features)} (lower = closer to real images); FID (CLIP): the same in the tiny "
         "CLIP's image features, which CLIP targets are trained to produce (it favours representation=clip); "
         "diversity: mean pairwise feature distance between draws of one prompt (0 = every draw the same); "
-        "understanding overall: captions of held-out images scored against the truth; images/s: training "
+        "understanding overall: captions of held-out images scored against the truth; search overall: the overall score "
+        "of the samples an inference-time search picked (evaluation.search), search nfe: the generator evaluations "
+        "per prompt it spent; images/s: training "
         "throughput per stage; train minutes: training wall time of all stages, evaluations excluded.",
         "",
         *([f"**Still rising at their last step (no result):** {', '.join(rising)}.", ""] if rising else []),

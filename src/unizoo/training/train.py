@@ -22,6 +22,7 @@ from unizoo.eval.experiment_log import EvaluationLog
 from unizoo.eval.generation_evaluator import generation_evaluator, headline_score
 from unizoo.eval.periodic_evaluation import EvaluationCurve
 from unizoo.eval.sample_statistics import headline_space, sample_statistics
+from unizoo.eval.search_evaluation import search_evaluation
 from unizoo.model import UnifiedModel
 from unizoo.runtime.accelerator import check_trainer_settings, describe_accelerator, use_tensor_cores
 from unizoo.runtime.fabric import loops_on, on_loop_device
@@ -224,6 +225,7 @@ def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: P
         understanding = CaptionEvaluation(images, truth, instantiate(recipe.understanding_evaluator))
     statistics = sample_statistics(recipe, datamodule)  # FID, diversity: None unless the recipe asks
     feature_spaces = {"headline": statistics.headline, **statistics.spaces} if statistics is not None else None
+    searched = search_evaluation(recipe, datamodule, model, prompts, evaluator)  # None unless evaluation.search.method
 
     def evaluate(phase: str, full: bool = True) -> dict:
         """Scores of the model now; ``full`` (before and after stages) also writes grids and captions and measures diversity.
@@ -244,6 +246,9 @@ def _evaluations(recipe: DictConfig, datamodule, model: UnifiedModel, run_dir: P
                 scores.update(statistics(model, drawn[""], full))
         if understanding is not None:
             scores["understanding"] = understanding(model, run_dir / f"captions_{phase}.txt" if full else None)
+        if searched is not None and full:
+            with on_loop_device(model), ema_weights(model) if has_updates(model) else contextlib.nullcontext():
+                scores["search"] = searched(model)
         return scores
 
     return evaluate, feature_spaces
