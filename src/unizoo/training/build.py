@@ -19,6 +19,9 @@ def build_model(recipe: DictConfig) -> UnifiedModel:
     generator = instantiate(
         recipe.generator, token_dim=token_dim, num_tokens=num_tokens, condition_dim=backbone.hidden_size, _convert_="all"
     )
+    # The alignment reads the generator's width, depth and token grid; recipes from before
+    # alignments existed have none (= alignment=none).
+    alignment = OmegaConf.select(recipe, "alignment")
     model = UnifiedModel(
         representation=representation,
         backbone=backbone,
@@ -26,6 +29,7 @@ def build_model(recipe: DictConfig) -> UnifiedModel:
         objective=instantiate(recipe.objective, _convert_="all"),
         optimizer=instantiate(recipe.optimizer, _convert_="all"),
         warmup_steps=recipe.warmup_steps,
+        alignment=instantiate(alignment, generator=generator, _convert_="all") if alignment is not None else None,
     )
     attach_ema(model, OmegaConf.select(recipe, "ema.decay"))  # recipes from before EMA have none
     return model
