@@ -53,7 +53,7 @@ class SSLRepresentation(nn.Module):
         # Every setting spelled out, so the recipe and the Python default share one cache key.
         self.pretraining = {
             "steps": 1500, "lr": 1.5e-3, "weight_decay": 0.05, "warmup_steps": 50, "mask_ratio": 0.75,
-            "norm_pix_loss": True, "precision": "32-true", **(pretraining or {}),
+            "norm_pix_loss": False, "precision": "32-true", **(pretraining or {}),
         }
         # Random until `prepare` loads (or pretrains) the cached MAE; shapes are already final.
         self.encoder = TinyMAE(image_size, self.architecture).encoder

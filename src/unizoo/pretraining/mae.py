@@ -2,8 +2,9 @@
 
 A ViT encoder sees a random quarter of an image's patches; a lighter decoder fills in
 the rest from the encoder's tokens and a learned mask token, and the loss is the error
-of the missing patches' pixels, each patch normalised by its own mean and variance
-(MAE's `norm_pix_loss`). The encoder's patch features of the whole image are then the
+of the missing patches' pixels (raw by default here; MAE's `norm_pix_loss` normalises each
+patch by its own mean and variance, which on the shapes data's flat colours would hide the
+colour the evaluator scores: recipes/ssl/tiny.yaml). The encoder's patch features of the whole image are then the
 `ssl` representation (`components/representations/ssl.py`): features learned from
 images alone, against CLIP's language-supervised ones and the VAE's reconstructions.
 
@@ -132,7 +133,7 @@ class TinyMAE(nn.Module):
         self.decoder_pred = nn.Linear(width, 3 * a["patch_size"] ** 2)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def loss(self, images: torch.Tensor, mask_ratio: float = 0.75, norm_pix_loss: bool = True) -> torch.Tensor:
+    def loss(self, images: torch.Tensor, mask_ratio: float = 0.75, norm_pix_loss: bool = False) -> torch.Tensor:
         """Mean squared error of the masked patches' pixels, reconstructed from the visible ones; images `(B, 3, H, W)`."""
         b, n = images.shape[0], self.encoder.num_patches
         visible = max(1, round(n * (1 - mask_ratio)))
@@ -161,7 +162,7 @@ def train_mae(
     weight_decay: float = 0.05,
     warmup_steps: int = 50,
     mask_ratio: float = 0.75,
-    norm_pix_loss: bool = True,
+    norm_pix_loss: bool = False,
     batch_size: int | None = None,
     precision: Literal["32-true", "bf16-mixed", "auto"] = "32-true",
     seed: int = 0,
