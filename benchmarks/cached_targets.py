@@ -76,8 +76,7 @@ def _steps(model, optimizer, loader, device: torch.device, cfg: TargetsConfig) -
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
         loaded = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        losses = model.stage_losses(batch)
-        sum(model.stage.losses[name] * value for name, value in losses.items()).backward()
+        model.total_loss(model.stage_terms(batch)).backward()
         optimizer.step()
         synchronize(device)
         if number >= cfg.warmup:

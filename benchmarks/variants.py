@@ -10,7 +10,7 @@ For every stage of the cell's strategy it times one full training step:
 
 * ``set_stage(stage)``, then an optimizer built the way ``UnifiedModel.configure_optimizers``
   builds it (the recipe's factory over the parameters that require grad);
-* the step: ``stage_losses`` on one fixed synthetic batch (random images in [-1, 1], real
+* the step: ``stage_terms`` on one fixed synthetic batch (random images in [-1, 1], real
   shapes captions), their weighted sum, backward, optimizer step;
 * one untimed step counts the FLOPs (forward + backward, ``FlopCounterMode`` with the
   harness's attention rule, ``measure.count_flops``). Then come ``warmup`` untimed steps
@@ -105,9 +105,7 @@ def _build(recipe, stage, device: torch.device, seed: int):
 
 def _forward_backward(model, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
-    losses = model.stage_losses(batch)
-    total = sum(model.stage.losses[name] * value for name, value in losses.items())
-    total.backward()
+    model.total_loss(model.stage_terms(batch)).backward()
 
 
 def _breakdown(model, stage, batch, device, cfg: VariantsConfig) -> dict:

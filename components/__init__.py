@@ -1,1 +1,1 @@
-"""The zoo: one file per choice on each axis (representation, backbone, generator, objective, strategy)."""
+"""The zoo: one file per choice on each axis (representation, backbone, generator, objective, strategy, alignment)."""

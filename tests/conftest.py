@@ -21,6 +21,7 @@ TINY_OVERRIDES = [
     "vae.autoencoder.block_out_channels=[16,16,16]",
     "vae.pretraining.steps=3",
     "clip.pretraining.steps=3",
+    "ssl.pretraining.steps=3",
     "decoder.training.steps=3",
     "evaluation.feature_spaces.shapes_classifier.training.steps=3",
     "evaluation.feature_spaces.shapes_classifier.training.train_items=64",

@@ -24,6 +24,8 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package of the repos
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.attention_backends import AttentionConfig, attention_flops  # noqa: E402
+from benchmarks.convergence import main as convergence_main  # noqa: E402
+from benchmarks.convergence import score_at, steps_to_reach  # noqa: E402
 from benchmarks.measure import PeakMemory, count_flops, memory_method, time_call  # noqa: E402
 from benchmarks.peer_dit import REFERENCE, VARIANTS, Variant, measure_variant, switch_variants  # noqa: E402
 from benchmarks.peer_models import PeerConfig  # noqa: E402
@@ -741,3 +743,50 @@ def test_search_benchmark_scores_every_method_and_verifier(tmp_path):
     budget_one = [r["overall"]["mean"] for r in result["rows"] if r["budget"] == 1]
     assert len(set(budget_one)) == 1  # budget 1 is plain sampling whatever the method and verifier
     assert (folder / "search-quick.png").stat().st_size > 10_000 and "| zero_order | self | 2 | 8 |" in (folder / "search-quick.md").read_text()
+
+
+# ------------------------------------------------------------------ convergence (benchmarks/convergence.py)
+
+def test_steps_to_reach_interpolates_and_counts_only_a_climb_from_below():
+    curve = [(0, 0.18), (100, 0.05), (200, 0.15), (300, 0.35)]
+    assert steps_to_reach(curve, 0.25) == pytest.approx(250.0)  # between 0.15 at 200 and 0.35 at 300
+    assert steps_to_reach(curve, 0.1) == pytest.approx(150.0)  # the untrained 0.18 does not count: it fell below first
+    assert steps_to_reach(curve, 0.5) is None
+    assert steps_to_reach([(0, 0.3), (100, 0.4)], 0.2) == 0  # never below: reached at the start
+    assert score_at(curve, 250) == pytest.approx(0.25)
+    assert score_at(curve, 400) is None
+
+
+def _fake_study(folder: Path, axes: str, cells: dict[str, list[list[tuple[int, float]]]], round_trips=None) -> None:
+    """A study folder as `unizoo study` leaves it: study.yaml, and per variant its status and metrics."""
+    folder.mkdir(parents=True)
+    (folder / "study.yaml").write_text(axes)
+    for cell, seeds in cells.items():
+        for seed, curve in enumerate(seeds):
+            variant = folder / "variants" / f"{cell}-seed{seed}"
+            (variant / "run").mkdir(parents=True)
+            (variant / "status.json").write_text(json.dumps({"state": "done"}))
+            metrics = {"representation": {"ratio": 1.0, "round_trip": 0.9},
+                       "curve": [{"steps": s, "generation": {"overall": v}} for s, v in curve]}
+            if round_trips and cell in round_trips:
+                metrics["representation_after"] = {"end_to_end": {"ratio": round_trips[cell]}}
+            (variant / "run" / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_convergence_tabulates_steps_speed_ups_and_round_trips(tmp_path):
+    _fake_study(tmp_path / "repa", "axes:\n  - group: alignment\n    choices: {none: [], repa: []}\nseeds: 2\n", {
+        "none": [[(0, 0.0), (100, 0.1), (200, 0.3)], [(0, 0.0), (100, 0.1), (200, 0.2)]],
+        "repa": [[(0, 0.0), (100, 0.3), (200, 0.5)], [(0, 0.0), (100, 0.2), (200, 0.4)]],
+    })
+    _fake_study(tmp_path / "repa_e", "axes:\n  - group: strategy\n    choices: {repa_e: []}\nseeds: 1\n",
+                {"repa_e": [[(0, 0.0), (200, 0.4)]]}, round_trips={"repa_e": 0.8})
+    assert convergence_main([str(tmp_path / "repa"), str(tmp_path / "repa_e"), "--name", "t", "--thresholds", "0.2",
+                             "--baseline", "alignment=none", "--at", "100", "--out", str(tmp_path / "out"), "--machine", "m"]) == 0
+    table = (tmp_path / "out" / "m" / "t.md").read_text()
+    # none reaches 0.2 at 150 and 200 steps, repa at 67 and 100: 175 / 83.3 = 2.10x fewer steps.
+    assert "| none | 2 | 0.250 ± 0.071 (step 200) | 0.100 ± 0.000 | 175 ± 35 (2/2) | – | 1.000 ± 0.000 | (frozen) |" in table
+    assert "| repa | 2 | 0.450 ± 0.071 (step 200) | 0.250 ± 0.071 | 83 ± 24 (2/2) | 2.10x vs none | 1.000 ± 0.000 | (frozen) |" in table
+    assert "| repa_e | 1 | 0.400 (step 200) | 0.200 | 100 (1/1) | – | 1.000 | 0.800 |" in table
+    assert (tmp_path / "out" / "m" / "t.png").stat().st_size > 0
+    result = json.loads((tmp_path / "out" / "m" / "t.json").read_text())
+    assert result["cells"]["repa"]["speedup"]["0.2"] == pytest.approx(175 / (250 / 3))

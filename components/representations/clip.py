@@ -11,7 +11,6 @@ hash. Features are not pixels: `decode` needs a trained CLIP-to-pixel decoder.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, CLIPModel, CLIPVisionModel
 
+from unizoo.components.representations.feature_normalisation import check_normalisation, fit_normalisation, rounded
 from unizoo.components.representations.pixel_decoder import PixelDecoder
 from unizoo.config.recipe_types import ArgumentsOf
 from unizoo.config.weights import local_weights
@@ -51,10 +51,6 @@ _TRANSFORMERS_TOWERS: dict[str, tuple[int, tuple[float, ...], tuple[float, ...]]
 }
 # Weight files a timm / open_clip checkpoint directory may hold, in order of preference.
 _TIMM_WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-# Real images the normalisation is fitted on: enough for a stable mean/std per channel, cheap for a big tower.
-_NORMALISATION_BATCHES = 8
-# How features are brought to unit scale: one shift/scale per channel, one for all channels, or not at all.
-NORMALISATIONS = ("channel", "scalar", "none")
 
 
 def _public(config: Any) -> Any:
@@ -62,11 +58,6 @@ def _public(config: Any) -> Any:
     if isinstance(config, dict):
         return {k: _public(v) for k, v in config.items() if not str(k).startswith("_") and k != "transformers_version"}
     return config
-
-
-def _rounded(values: torch.Tensor) -> list[float] | float:
-    """Statistics as plain numbers for a cache key, rounded so float noise does not change it."""
-    return [round(v, 6) for v in values.tolist()] if values.dim() else round(values.item(), 6)
 
 
 def _local_path(pretrained: str, what: str) -> Path:
@@ -99,9 +90,7 @@ class CLIPRepresentation(nn.Module):
         self.image_size, self.tower, self.pretrained = image_size, tower, pretrained
         # true / false: the values of recipes written before per-channel normalisation existed.
         normalize = {True: "scalar", False: "none"}.get(normalize, normalize) if isinstance(normalize, bool) else normalize
-        if normalize not in NORMALISATIONS:
-            raise ValueError(f"representation.normalize={normalize!r}; valid choices: {', '.join(NORMALISATIONS)}")
-        self.normalize, self.feature_layer, self.clip = normalize, feature_layer, dict(clip or {})
+        self.normalize, self.feature_layer, self.clip = check_normalisation(normalize), feature_layer, dict(clip or {})
         # Every setting spelled out, so the recipe and the Python default share one cache key.
         self.pretraining = {"steps": 1000, "lr": 2e-3, "weight_decay": 0.05, "warmup_steps": 50, **(pretraining or {})}
         if tower == "transformers":
@@ -200,6 +189,10 @@ class CLIPRepresentation(nn.Module):
         self.vision.eval()
         return self
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """None: the tower is frozen in every stage (no stage can name it)."""
+        return {}
+
     def cache_signature(self, datamodule: L.LightningDataModule) -> dict[str, Any]:
         """Everything that decides the pretrained tiny CLIP: the cache key hashes this."""
         vocabulary = list(datamodule.vocabulary())
@@ -230,7 +223,7 @@ class CLIPRepresentation(nn.Module):
                 "tower": self.cache_signature(datamodule) if self.pretrained is None else {"pretrained": str(self.pretrained)},
                 "feature_layer": self.feature_layer,
                 "pool_to": self.pool_to,
-                "normalisation": {"kind": self.normalize, "shift": _rounded(self.feature_shift), "scale": _rounded(self.feature_scale)},
+                "normalisation": {"kind": self.normalize, "shift": rounded(self.feature_shift), "scale": rounded(self.feature_scale)},
             }
             self.decoder.prepare(datamodule, self, features)
 
@@ -254,23 +247,8 @@ class CLIPRepresentation(nn.Module):
         entry = self.tiny_clip_directory(datamodule)
         self.vision.load_state_dict(CLIPModel.from_pretrained(entry).vision_model.state_dict())
 
-    @torch.no_grad()
     def _fit_normalisation(self, datamodule: L.LightningDataModule) -> None:
-        # "scalar": one shift and scale for all channels (like the VAE's latent scaling): unit
-        # scale overall, channels keep their relative sizes. "channel": every channel zero-mean,
-        # unit-std, so the generator's error budget is spread evenly over channels instead of
-        # being spent on the widest ones (RAE normalises its encoders' features per channel).
-        self.feature_shift.zero_()
-        self.feature_scale.fill_(1.0)
-        batches = itertools.islice(datamodule.train_dataloader(), _NORMALISATION_BATCHES)
-        features = torch.cat([self.encode(batch["image"]) for batch in batches]).float()
-        if self.normalize == "channel":
-            flat = features.reshape(-1, features.shape[-1])
-            self.feature_shift.copy_(flat.mean(0))
-            self.feature_scale.copy_(1.0 / flat.std(0).clamp_min(1e-6))
-        else:
-            self.feature_shift.fill_(features.mean().item())
-            self.feature_scale.fill_(1.0 / features.std().item())
+        fit_normalisation(self, datamodule.train_dataloader())
         log.info("representation: CLIP features normalised per %s (mean shift %.4f, mean scale %.4f)",
                  "channel" if self.normalize == "channel" else "tensor", self.feature_shift.mean(), self.feature_scale.mean())
 

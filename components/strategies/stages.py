@@ -57,6 +57,8 @@ class Stage:
                batch; a loss missing here gets the whole batch).
     steps:     optimiser steps in this stage.
     until_flat: stop early once the evaluated curve is flat (then `steps` is its `max_steps`).
+    learning_rates: trainable group -> multiple of the recipe's learning rate for it
+               (a group missing here trains at the recipe's rate).
     """
 
     name: str
@@ -65,6 +67,7 @@ class Stage:
     steps: int
     mixture: dict[str, float] = field(default_factory=dict)
     until_flat: UntilFlat | None = None
+    learning_rates: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -76,6 +79,11 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: mixture names {sorted(unknown)} that are not among its losses")
         if self.mixture and abs(sum(self.mixture.values()) - 1.0) > 1e-6:
             raise ValueError(f"stage {self.name!r}: mixture fractions must sum to 1, got {self.mixture}")
+        untrained = set(self.learning_rates) - set(self.trainable)
+        if untrained:
+            raise ValueError(f"stage {self.name!r}: learning_rates names {sorted(untrained)}, which it does not train ({', '.join(self.trainable)})")
+        if any(scale <= 0 for scale in self.learning_rates.values()):
+            raise ValueError(f"stage {self.name!r}: learning-rate scales must be positive, got {self.learning_rates}")
 
 
 @dataclass(frozen=True)

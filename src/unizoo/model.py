@@ -2,15 +2,17 @@
 
 It knows the interfaces, never the choices: a representation turns images into
 target tokens, a backbone turns captions into a condition, an objective turns
-(generator, targets, condition) into a loss and samples, and a strategy's stages
-say which parameter groups train and which losses count. Nothing here branches on
-which representation, objective or strategy is in use.
+(generator, targets, condition) into a loss and samples, an alignment adds its terms
+on the generator's hidden states (none adds none), and a strategy's stages say which
+parameter groups train and which losses count. Nothing here branches on which
+representation, objective, alignment or strategy is in use.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -20,12 +22,15 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from torch.distributed.tensor import DTensor
 
 from unizoo.components.conditioning.queries import QueryConditioning
+from unizoo.components.alignments.none import NoAlignment
 from unizoo.components.strategies.stages import Stage
 from unizoo.runtime.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
+# A loss function's terms: name -> (value, weight within the function); the stage's weight multiplies them all.
+Terms = dict[str, tuple[torch.Tensor, float]]
 # The submodule that holds the generator's running average where the recipe keeps one
 # (unizoo.training.ema attaches it): part of every checkpoint, and a sharding unit of its own.
 EMA_ATTRIBUTE = "generator_ema"
@@ -50,6 +55,24 @@ def split_batch(batch: Batch, mixture: dict[str, float], losses: list[str]) -> d
 
 SHARDED_STACKS = ("generator", "backbone")  # the components whose layer stacks are sharded block by block
 STEP_METHODS = ("training_step", "validation_step")
+
+
+@contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Within the block, the parameters of `modules` take no gradient (their flags come back after).
+
+    A forward pass under it treats the weights as constants, so a loss computed from it
+    trains only what feeds the modules' inputs.
+    """
+    params = [p for module in modules for p in module.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def shard(model: L.LightningModule, mesh) -> None:
@@ -88,7 +111,9 @@ class UnifiedModel(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         warmup_steps: int = 100,
         conditioning: nn.Module | None = None,
+        alignment: nn.Module | None = None,
     ) -> None:
+        """`alignment`: an auxiliary loss on the generator's hidden states (`components/alignments/`); None = none."""
         super().__init__()
         self.representation = representation
         self.backbone = backbone
@@ -96,6 +121,7 @@ class UnifiedModel(L.LightningModule):
         self.objective = objective
         # What the generator reads of the backbone (recipes/conditioning/); None: the query tokens' last states.
         self.conditioning = conditioning if conditioning is not None else QueryConditioning()
+        self.alignment = alignment if alignment is not None else NoAlignment()
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
         self.stage: Stage | None = None
@@ -105,15 +131,25 @@ class UnifiedModel(L.LightningModule):
 
     # ------------------------------------------------------------------ stages
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Named groups a stage can train or freeze; the representation is always frozen."""
-        return {**self.backbone.parameter_groups(), "generator": list(self.generator.parameters())}
+        """Named groups a stage can train or freeze.
+
+        The alignment's head trains with the generator it reads. A representation names the groups
+        it can train (the VAE: "representation", for REPA-E); frozen encoders (CLIP, SSL) name none.
+        """
+        return {
+            **self.backbone.parameter_groups(),
+            "generator": [*self.generator.parameters(), *self.alignment.head_parameters()],
+            **self.representation.parameter_groups(),
+        }
 
     def set_stage(self, stage: Stage) -> None:
         groups = self.parameter_groups()
         unknown = set(stage.trainable) - set(groups)
         if unknown:
             raise ValueError(
-                f"stage {stage.name!r} trains unknown parameter groups {sorted(unknown)}; valid groups: {', '.join(groups)}"
+                f"stage {stage.name!r} trains unknown parameter groups {sorted(unknown)}; valid groups: {', '.join(groups)} "
+                "(the representation, the backbone and the generator name the groups they have: only a VAE "
+                "representation can train, as group 'representation')"
             )
         missing = set(stage.losses) - set(self.loss_functions())
         if missing:
@@ -125,43 +161,90 @@ class UnifiedModel(L.LightningModule):
                 param.requires_grad_(name in stage.trainable)
         self.stage = stage
 
-    def loss_functions(self) -> dict[str, Callable[[Batch], torch.Tensor]]:
-        return {"generation": self.generation_loss, "understanding": self.understanding_loss}
+    def loss_functions(self) -> dict[str, Callable[[Batch], Terms]]:
+        """The losses a stage may name: each turns its part of the batch into named terms."""
+        return {
+            "generation": self.generation_loss,
+            "understanding": self.understanding_loss,
+            "reconstruction": self.reconstruction_loss,
+            "representation_alignment": self.representation_alignment_loss,
+        }
 
     def prepare(self, datamodule: L.LightningDataModule) -> None:
         """Make pretrained-by-unizoo weights real (VAE, CLIP, ...): load from cache or train them."""
         self.representation.prepare(datamodule)
         self.backbone.prepare(datamodule)
+        self.alignment.prepare(datamodule)
 
     # ------------------------------------------------------------------ losses
-    def generation_loss(self, batch: Batch) -> torch.Tensor:
-        """Text -> image: the objective's loss on the representation's target tokens."""
+    def generation_loss(self, batch: Batch) -> Terms:
+        """Text -> image: the objective's loss on the representation's target tokens, and the alignment's terms."""
         # A batch from a target cache (`targets=DIR`, unizoo.data.with_targets) carries the tokens
         # encode() would return, extracted once for every representation alike; a present-key check,
         # not a branch on the representation.
         targets = batch["target"] if "target" in batch else self.representation.encode(batch["image"])
         condition = self.conditioning(self.backbone, batch["caption"])
-        return self.objective.loss(self.generator, targets, condition, rng=self.step_rng)
+        with self.alignment.capture(self.generator) as hidden:
+            # Detached: the objective's loss never trains the representation (REPA-E's stop-gradient,
+            # which keeps the latents from collapsing to what is easiest to denoise); encode() of a
+            # frozen representation has no graph to cut anyway.
+            generation = self.objective.loss(self.generator, targets.detach(), condition, rng=self.step_rng)
+        return {"generation": (generation, 1.0), **self.alignment.terms(hidden, batch["image"])}
 
-    def understanding_loss(self, batch: Batch) -> torch.Tensor:
+    def understanding_loss(self, batch: Batch) -> Terms:
         """Image -> text: the backbone's next-token loss on the caption given the image."""
-        return self.backbone.understanding_loss(batch["image"], batch["caption"])
+        return {"understanding": (self.backbone.understanding_loss(batch["image"], batch["caption"]), 1.0)}
 
-    def stage_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def reconstruction_loss(self, batch: Batch) -> Terms:
+        """The representation's own loss (the VAE's reconstruction + KL), for stages that train it (REPA-E)."""
+        return {"reconstruction": (self.representation.reconstruction_loss(batch["image"]), 1.0)}
+
+    def representation_alignment_loss(self, batch: Batch) -> Terms:
+        """REPA-E: the alignment loss of a generator pass on tokens that keep their graph to the representation.
+
+        The generator, the alignment's head and the condition are held fixed in this pass, so
+        the term trains the representation alone: its latents move towards what makes the
+        generator's hidden states align. (`generation_loss` trains the generator and the head
+        on the same loss, on detached tokens.)
+        """
+        tokens = self.representation.encode_differentiable(batch["image"])
+        with torch.no_grad():  # the condition is held fixed: this term trains the representation alone
+            condition = self.conditioning(self.backbone, batch["caption"])
+        with frozen(self.generator, self.alignment), self.alignment.capture(self.generator) as hidden:
+            # Run for the hidden states (its own loss is not used), on the step's noise stream.
+            self.objective.loss(self.generator, tokens, condition, rng=self.step_rng)
+            aligned = self.alignment.loss(hidden, batch["image"])
+        return {"representation_alignment": (aligned, 1.0)}
+
+    def stage_terms(self, batch: Batch) -> Terms:
+        """Every term of the stage's losses, each with its weight in the total (the stage's times the function's)."""
         if self.stage is None:
             raise RuntimeError("call set_stage(stage) before training: the stage decides which losses count")
         names = list(self.stage.losses)
         parts = split_batch(batch, self.stage.mixture, names)
         functions = self.loss_functions()
-        return {name: functions[name](parts[name]) for name in names}
+        return {
+            term: (value, self.stage.losses[name] * weight)
+            for name in names
+            for term, (value, weight) in functions[name](parts[name]).items()
+        }
+
+    def stage_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The stage's loss terms by name, unweighted (what is logged as train/<name>)."""
+        return {name: value for name, (value, _) in self.stage_terms(batch).items()}
+
+    @staticmethod
+    def total_loss(terms: Terms) -> torch.Tensor:
+        """The weighted sum the optimiser steps on."""
+        return sum(weight * value for value, weight in terms.values())
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        losses = self.stage_losses(batch)
-        total = sum(self.stage.losses[name] * value for name, value in losses.items())
+        terms = self.stage_terms(batch)
+        total = self.total_loss(terms)
         size = len(batch["caption"])
         # Logged as tensors: read on the host only every trainer.log_every_n_steps (and by the
         # progress display every so often), never per step, so the step does not wait for the device.
-        self.log_dict({f"train/{name}": value.detach() for name, value in losses.items()}, batch_size=size)
+        self.log_dict({f"train/{name}": value.detach() for name, (value, _) in terms.items()}, batch_size=size)
         self.log("train/loss", total.detach(), batch_size=size)
         return total
 
@@ -186,9 +269,28 @@ class UnifiedModel(L.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
+    def optimizer_parameters(self) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """The trainable parameters; as groups of their own where the stage scales a group's learning rate."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if not self.stage.learning_rates:
+            return trainable
+        groups = self.parameter_groups()
+        scaled = [
+            {"params": [p for p in groups[name] if p.requires_grad], "lr_scale": scale}
+            for name, scale in self.stage.learning_rates.items()
+        ]
+        taken = {id(p) for group in scaled for p in group["params"]}
+        return [{"params": [p for p in trainable if id(p) not in taken], "lr_scale": 1.0}, *scaled]
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The recipe's optimiser over the stage's trainable parameters, each group at its rate."""
+        optimizer = self.optimizer_factory(self.optimizer_parameters())
+        for group in optimizer.param_groups:  # the recipe's rate times the stage's scale (before the schedule reads it)
+            group["lr"] *= group.get("lr_scale", 1.0)
+        return optimizer
+
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        optimizer = self.make_optimizer()
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.stage.steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(self.warmup_steps, total // 2 + 1), total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -137,7 +137,7 @@ def test_queries_is_todays_model_bit_for_bit(tiny_overrides):
         model.prepare(data)
         batch = next(iter(data.train_dataloader()))
         torch.manual_seed(1)
-        return model.generation_loss(batch).item()
+        return model.generation_loss(batch)["generation"][0].item()
 
     recipe = compose_recipe("default", tiny_overrides)
     assert recipe.conditioning._target_.endswith("QueryConditioning")

@@ -1,4 +1,5 @@
-"""VAE representation: patchify round trip, shapes, normalisation, pretraining cache, local weights."""
+"""VAE representation: patchify round trip, shapes, normalisation (scalar or REPA-E's batch norm), pretraining cache,
+local weights, and what a stage that trains it (REPA-E) reads: its differentiable encode and its own loss."""
 
 from __future__ import annotations
 
@@ -103,3 +104,76 @@ def test_missing_pretrained_directory_says_how_to_make_one(tmp_path):
 def test_cache_key_is_stable_across_processes():
     keys = cache_keys_in_fresh_processes("vae.VAERepresentation")
     assert len(keys) == 1 and len(keys.pop()) == 16
+
+
+def batch_norm_vae():
+    torch.manual_seed(0)
+    return VAERepresentation(autoencoder=TINY, latent_norm="batch")
+
+
+def test_batch_norm_latents_follow_the_batch_in_training_and_the_running_statistics_otherwise():
+    rep = batch_norm_vae()
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    latents = rep.vae.encode(images).latent_dist.mean
+    rep.train()
+    tokens = rep.encode(images)  # (8, 64, 4): the batch's own statistics, per latent channel
+    per_channel = tokens.reshape(-1, 4)
+    torch.testing.assert_close(per_channel.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_channel.var(0, unbiased=False), latents.var(dim=(0, 2, 3), unbiased=False)
+                               / (latents.var(dim=(0, 2, 3), unbiased=False) + 1e-4), atol=1e-5, rtol=0)
+    # The running statistics moved a tenth of the way (momentum 0.1) from their start (0, 1) to the batch's.
+    torch.testing.assert_close(rep.batch_norm.running_mean, 0.1 * latents.mean(dim=(0, 2, 3)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rep.batch_norm.running_var, 0.9 + 0.1 * latents.var(dim=(0, 2, 3)), atol=1e-6, rtol=0)
+    rep.eval()
+    mean, var = rep.batch_norm.running_mean, rep.batch_norm.running_var
+    expected = patchify((latents - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + 1e-4).sqrt(), 1)
+    torch.testing.assert_close(rep.encode(images), expected, atol=1e-6, rtol=0)
+    rep.train()
+    # The gradient path reads the running statistics even in training mode, and keeps its graph.
+    differentiable = rep.encode_differentiable(images)
+    torch.testing.assert_close(differentiable.detach(), expected, atol=1e-6, rtol=0)
+    assert differentiable.requires_grad is False  # the VAE is frozen until a stage trains it
+    rep.vae.requires_grad_(True)
+    assert rep.encode_differentiable(images).requires_grad
+
+
+def test_decode_undoes_the_batch_norm():
+    rep = batch_norm_vae()
+    rep.batch_norm.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    rep.batch_norm.running_var.copy_(torch.tensor([4.0, 0.25, 1.0, 9.0]))
+    rep.eval()
+    latents = torch.randn(2, 4, 8, 8)
+    assert torch.allclose(rep._denormalise(rep._normalise(latents)), latents, atol=1e-5)
+
+
+def test_prepare_starts_the_batch_norm_from_the_latents_statistics(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIZOO_CACHE", str(tmp_path))
+    data = ShapesDataModule(train_size=256, batch_size=16)
+    rep = VAERepresentation(autoencoder=TINY, pretraining={"steps": 3}, latent_norm="batch")
+    rep.prepare(data)
+    rep.eval()
+    tokens = torch.cat([rep.encode(batch["image"]) for _, batch in zip(range(8), data.train_dataloader())]).reshape(-1, 4)
+    torch.testing.assert_close(tokens.mean(0), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(tokens.std(0), torch.ones(4), atol=1e-2, rtol=0)
+
+
+def test_reconstruction_loss_is_the_pretraining_loss_in_fp32():
+    rep = VAERepresentation(autoencoder=TINY, pretraining={"kl_weight": 0.5})
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    torch.manual_seed(3)
+    loss = rep.reconstruction_loss(images)
+    torch.manual_seed(3)
+    posterior = rep.vae.encode(images).latent_dist
+    reconstruction = rep.vae.decode(posterior.sample()).sample
+    expected = (reconstruction - images).abs().mean() + (reconstruction - images).pow(2).mean() + 0.5 * posterior.kl().mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rep.reconstruction_loss(images).item() == pytest.approx(loss.item(), abs=0)  # autocast does not reach it
+
+
+def test_a_vae_names_its_trainable_group_and_a_bad_latent_norm_is_refused():
+    rep = VAERepresentation(autoencoder=TINY)
+    assert [id(p) for p in rep.parameter_groups()["representation"]] == [id(p) for p in rep.vae.parameters()]
+    with pytest.raises(ValueError, match=r"representation.latent_norm='layer'; valid choices: scalar, batch"):
+        VAERepresentation(autoencoder=TINY, latent_norm="layer")

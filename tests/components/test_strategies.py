@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from unizoo.components.strategies.generation import generation
+from unizoo.components.strategies.repa_e import repa_e
 from unizoo.components.strategies.stages import Stage, Strategy
 from unizoo.model import split_batch
 
@@ -34,3 +35,18 @@ def test_split_batch_by_mixture():
     assert parts["a"]["caption"] == [str(i) for i in range(5)]
     assert parts["b"]["image"].tolist() == [5, 6, 7, 8, 9]
     assert split_batch(batch, {}, ["a"])["a"] is batch
+
+
+def test_repa_e_is_one_stage_that_trains_the_representation_on_three_losses():
+    strategy = repa_e(steps=9, representation_alignment_weight=1.5, reconstruction_weight=0.5, representation_lr_scale=0.2)
+    (stage,) = strategy.stages
+    assert stage.steps == 9 and "representation" in stage.trainable and "generator" in stage.trainable
+    assert stage.losses == {"generation": 1.0, "representation_alignment": 1.5, "reconstruction": 0.5}
+    assert stage.learning_rates == {"representation": 0.2}
+
+
+def test_a_learning_rate_scale_needs_a_trained_group_and_a_positive_value():
+    with pytest.raises(ValueError, match="does not train"):
+        Stage("s", {"a": 1.0}, ("generator",), steps=1, learning_rates={"representation": 0.1})
+    with pytest.raises(ValueError, match="positive"):
+        Stage("s", {"a": 1.0}, ("generator",), steps=1, learning_rates={"generator": 0.0})

@@ -11,8 +11,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from unizoo.config.composition import compose_recipe, groups, recipe_names
 from unizoo.config.recipe_types import ArgumentsOf, RecipeTypeError, check_recipe_types, describe
 
-# blip3o uses every group: a CLIP target with its pixel decoder (and that decoder's VAE),
-# and a backbone with a vision encoder. A group choice swapped into it is used too.
+# blip3o uses every group but ssl (USED_WITH): a CLIP target with its pixel decoder (and that
+# decoder's VAE), and a backbone with a vision encoder. A group choice swapped into it is used too.
 BASE = "blip3o"
 GROUP_CHOICES = [(group, choice) for group, choices in groups().items() for choice in choices]
 
@@ -25,6 +25,11 @@ TAKES_ANY_SCALAR = {
 }
 # Choices whose component takes no arguments: nothing of theirs can be of a wrong type.
 TAKES_NO_ARGUMENTS = {"conditioning=queries": "QueryConditioning reads the backbone's query states as they are"}
+
+# Groups blip3o does not use, and the overrides under which their values are read.
+USED_WITH = {"ssl": ["representation=ssl"]}
+# Choices that take no value at all: nothing in them can be of a wrong type.
+WITHOUT_VALUES = {("alignment", "none"): "no auxiliary loss: the component has no arguments"}
 
 
 def leaves(node: DictConfig, path: str):
@@ -46,7 +51,7 @@ def test_every_named_recipe_fits_its_types(name):
 
 @pytest.mark.parametrize(("group", "choice"), GROUP_CHOICES)
 def test_a_wrong_typed_value_in_any_group_is_named(group, choice):
-    recipe = compose_recipe(BASE, [f"{group}={choice}"])
+    recipe = compose_recipe(BASE, [f"{group}={choice}", *USED_WITH.get(group, [])])
     check_recipe_types(recipe)  # as written, the recipe fits
     path = group.replace("/", ".")
     checked = 0
@@ -69,7 +74,7 @@ def test_a_wrong_typed_value_in_any_group_is_named(group, choice):
         assert f"got {wrong!r}" in message
         assert message.count(" must be ") == 1, message  # named once, where it is set, however often it is used
         checked += 1
-    if f"{group}={choice}" in TAKES_NO_ARGUMENTS:
+    if f"{group}={choice}" in TAKES_NO_ARGUMENTS or (group, choice) in WITHOUT_VALUES:
         assert not checked and set(OmegaConf.select(recipe, path)) == {"_target_"}
         return
     assert checked, f"{group}={choice} sets no value of its own to check"

@@ -13,8 +13,9 @@ from unizoo.training.build import build_model
 from unizoo.training.run_loggers import logger_factory
 
 DRAWN_DATA = {"shapes"}  # data choices that need no files
-# What a choice needs beyond the tiny sizes: a LaTtE generator splits its blocks into groups (2 by default).
-CHOICE_OVERRIDES = {("generator", "latte_dit"): ["++generator.depth=2"]}
+# What a choice needs beyond the tiny sizes (TINY_OVERRIDES build a one-block generator): a LaTtE generator
+# splits its blocks into groups (2 by default), and REPA reads block 2 by default.
+CHOICE_OVERRIDES = {("generator", "latte_dit"): ["++generator.depth=2"], ("alignment", "repa"): ["alignment.block=1"]}
 GROUP_CHOICES = [(group, choice) for group, choices in groups().items() for choice in choices]
 
 

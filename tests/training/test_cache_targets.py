@@ -114,7 +114,7 @@ def test_generation_loss_reads_the_batch_target(vae_cache):
 
     def loss(extra):
         torch.manual_seed(0)  # the objective's noise and timesteps
-        return model.generation_loss({**batch, **extra}).item()
+        return model.generation_loss({**batch, **extra})["generation"][0].item()
 
     assert loss({"target": model.representation.encode(images)}) == pytest.approx(loss({}), abs=1e-6)
     assert abs(loss({"target": torch.zeros(4, 64, 4)}) - loss({})) > 1e-3

@@ -109,6 +109,14 @@ class RoundTripEvaluation:
     score: str = "overall"  # the evaluator's score compared ("agreement" on data without an exact evaluator)
 
     def __call__(self, representation: torch.nn.Module, grid_path: Path) -> dict[str, float]:
+        was_training = representation.training
+        representation.eval()  # a representation's batch norm (REPA-E's latents) reads its running statistics, as sampling does
+        try:
+            return self._measure(representation, grid_path)
+        finally:
+            representation.train(was_training)
+
+    def _measure(self, representation: torch.nn.Module, grid_path: Path) -> dict[str, float]:
         start = time.perf_counter()
         tokens = representation.encode(self.images)
         decoded = representation.decode(tokens).float().cpu()

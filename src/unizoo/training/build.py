@@ -24,6 +24,9 @@ def build_model(recipe: DictConfig) -> UnifiedModel:
         recipe.generator, token_dim=token_dim, num_tokens=num_tokens, condition_dim=backbone.hidden_size,
         **conditioning.generator_arguments, _convert_="all",
     )
+    # The alignment reads the generator's width, depth and token grid; recipes from before
+    # alignments existed have none (= alignment=none).
+    alignment = OmegaConf.select(recipe, "alignment")
     model = UnifiedModel(
         representation=representation,
         backbone=backbone,
@@ -32,6 +35,7 @@ def build_model(recipe: DictConfig) -> UnifiedModel:
         optimizer=instantiate(recipe.optimizer, _convert_="all"),
         warmup_steps=recipe.warmup_steps,
         conditioning=conditioning,
+        alignment=instantiate(alignment, generator=generator, _convert_="all") if alignment is not None else None,
     )
     attach_ema(model, OmegaConf.select(recipe, "ema.decay"))  # recipes from before EMA have none
     return model

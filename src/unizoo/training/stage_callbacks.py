@@ -46,11 +46,18 @@ def stage_callbacks(recipe: DictConfig, stage: Stage, stages: list[Stage], run_d
 
 
 def check_stage_settings(recipe: DictConfig, stages: list[Stage]) -> None:
-    """Raise `RecipeError` for a bad `checkpoint` or `debug` block before anything runs."""
+    """Raise `RecipeError` for a bad `checkpoint` or `debug` block, or a target cache beside a stage that trains the representation."""
     every = OmegaConf.select(recipe, "checkpoint.every_n_steps", default=DEFAULT_EVERY_N_STEPS)
     if not isinstance(every, int) or every < 1:
         raise RecipeError(f"checkpoint.every_n_steps={every!r}: expected a whole number of optimiser steps, at least 1")
     check_debug(OmegaConf.select(recipe, "debug"), [stage.name for stage in stages])
+    training_representation = [stage.name for stage in stages if "representation" in stage.trainable]
+    if OmegaConf.select(recipe, "targets") and training_representation:
+        raise RecipeError(
+            f"targets={recipe.targets}: the cache holds the representation's tokens as they were before training, but "
+            f"stage {training_representation[0]!r} trains the representation (REPA-E), so they would go stale: "
+            "run without targets (set targets=null)"
+        )
 
 
 def trainer_plugins() -> list:

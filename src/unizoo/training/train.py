@@ -42,6 +42,9 @@ from unizoo.training.until_flat import StopWhenFlat, check_until_flat, stage_sco
 
 log = logging.getLogger(__name__)
 
+# The parameter group of a representation that trains (REPA-E's VAE): its round trip is measured again after such a stage.
+REPRESENTATION_GROUP = "representation"
+
 # Frozen components (the VAE, CLIP towers) stay in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
 # The training sampler resumes mid-epoch from the trainer's restored step (unizoo.data.sampler).
@@ -68,13 +71,13 @@ def _train(recipe: DictConfig, run_dir: Path | None, resume: bool) -> Path:
     # Build first: a recipe that does not build leaves no empty run directory behind.
     datamodule = instantiate(recipe.data, _convert_="all")
     datamodule.setup("fit")  # data on disk is read (and refused, if unusable) before a run directory exists
-    attach_cached_targets(datamodule, recipe)  # targets=DIR: batches carry pre-extracted targets (checked here)
     model = build_model(recipe)
     strategy = instantiate(recipe.strategy, _convert_="all")
     stages = _stages_to_run(strategy, recipe.start_stage, recipe.init_checkpoint)
-    check_stage_settings(recipe, stages)
+    check_stage_settings(recipe, stages)  # also: no target cache where a stage trains the representation
     check_until_flat(stages, recipe.evaluation.get("every_n_steps"))  # a stage that trains until flat needs its curve
     headline_space(recipe, datamodule)  # evaluation.features=shapes_classifier on data without scene labels: refused now
+    attach_cached_targets(datamodule, recipe)  # targets=DIR: batches carry pre-extracted targets (checked here)
     make_logger = logger_factory(recipe)  # recipes/logger/: a missing package is named before anything trains
 
     # Launched as several processes, every one trains but only the primary writes (unizoo.training.launch).
@@ -119,10 +122,12 @@ def _train(recipe: DictConfig, run_dir: Path | None, resume: bool) -> Path:
             metrics["features"] = feature_spaces
         every_n_steps = recipe.evaluation.get("every_n_steps")
         score = headline_score(datamodule)
-        if primary and "representation" not in metrics:
-            # The ceiling any generator of this representation can reach: frozen, so measured once.
+        round_trip = None
+        if primary:
             images, captions = first_items(datamodule.val_dataloader(), recipe.evaluation.prompts)
             round_trip = RoundTripEvaluation(images, captions, evaluator, score=headline_score(datamodule))
+        if primary and "representation" not in metrics:
+            # The ceiling any generator of this representation can reach, before any stage trains it.
             metrics["representation"] = round_trip(model.representation, run_dir / "round_trip.png")
         if primary and start not in metrics:
             metrics[start] = curve.measure(start)
@@ -149,6 +154,10 @@ def _train(recipe: DictConfig, run_dir: Path | None, resume: bool) -> Path:
                 take_trained_weights(model, fitted)
             if primary:
                 metrics[stage.name] = curve.measure(stage.name)
+                if REPRESENTATION_GROUP in stage.trainable:  # REPA-E: the ceiling moved with the representation
+                    trained = round_trip(model.representation, run_dir / f"round_trip_{stage.name}.png")
+                    metrics.setdefault("representation_after", {})[stage.name] = trained
+                    metrics[stage.name]["round_trip"] = trained["round_trip"]  # a column of a study's table
                 if part.train:
                     metrics.setdefault("seconds", {})[stage.name] = round(time.perf_counter() - stage_started, 1)
                 if part.train and part.resume_from is None:  # a resumed stage's speed would mix two processes' steps
