@@ -31,6 +31,19 @@ def test_items_are_deterministic_and_random_access():
     assert [a.scene(i) for i in (5, 3, 9)] == [b.scene(i) for i in (9, 3, 5)][::-1]
 
 
+def test_a_batch_drawn_at_once_equals_its_items_drawn_one_by_one():
+    # The loader fetches a batch through __getitems__ (one float conversion for the batch);
+    # it must give exactly the items __getitem__ gives, in the sampler's order.
+    ds = ShapesDataset("train", 500, image_size=32, seed=3)
+    indices = [17, 3, 499, 3, 250]
+    batch = ds.__getitems__(indices)
+    assert [item["caption"] for item in batch] == [ds[i]["caption"] for i in indices]
+    for item, i in zip(batch, indices):
+        assert torch.equal(item["image"], ds[i]["image"])
+    loaded = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert torch.equal(loaded["image"], torch.stack([ds[i]["image"] for i in range(4)]))
+
+
 def test_seeds_and_splits_differ():
     caps = {s: [ShapesDataset(s, 50).scene(i).caption for i in range(50)] for s in ("train", "val", "test")}
     assert caps["train"] != caps["val"] != caps["test"] != caps["train"]

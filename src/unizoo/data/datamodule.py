@@ -51,6 +51,15 @@ class ShapesDataset(Dataset):
         scene = self.scene(i)
         return {"image": self.image(scene), "caption": scene.caption}
 
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch's items at once (the loader calls this when it exists): the same values as
+        ``[self[i] for i in indices]``, converted to float in one tensor operation instead of one
+        per image, which on the CPU is a third of the time a batch takes to draw."""
+        scenes = [self.scene(int(i)) for i in indices]
+        pixels = np.stack([np.asarray(draw_scene(scene, self.image_size)) for scene in scenes])  # [B, H, W, 3] uint8
+        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        return [{"image": image, "caption": scene.caption} for image, scene in zip(images, scenes)]
+
 
 class ShapesDataModule(L.LightningDataModule):
     """Train/val/test splits of the shapes data set; batches are ``{"image": [B, 3, H, W], "caption": list[str]}``."""
