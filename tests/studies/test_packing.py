@@ -56,6 +56,13 @@ def test_packing_settings_that_cannot_work_are_named(values, message):
         LauncherSettings.from_values(values)
 
 
+def test_the_command_line_s_parallel_wins_over_the_study_file_s_jobs():
+    settings = LauncherSettings.from_values({"kind": "local", "jobs": 1}, {"parallel": 2})
+    assert (settings.jobs, settings.parallel, settings.in_flight(8)) == (None, 2, 2)
+    settings = LauncherSettings.from_values({"parallel": 2}, {"jobs": 3})
+    assert (settings.jobs, settings.parallel, settings.in_flight(8)) == (3, None, 3)
+
+
 def test_a_packed_variant_gets_one_gpu():
     settings = LauncherSettings(per_device=4)
     assert settings.recipe_overrides() == ("trainer.accelerator=gpu", "trainer.devices=1")

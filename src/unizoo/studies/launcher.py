@@ -59,7 +59,13 @@ class LauncherSettings:
             unknown = sorted(set(layer) - valid)
             if unknown:
                 raise LauncherError(f"unknown launcher settings {unknown}; valid: {', '.join(sorted(valid))}")
-            values.update({k: v for k, v in layer.items() if v is not None})
+            given = {k: v for k, v in layer.items() if v is not None}
+            # jobs and parallel both say how many variants run at once: the later layer's one wins
+            # (a study file's `jobs: 1` does not stop `--parallel 2` on the command line).
+            for one, other in (("parallel", "jobs"), ("jobs", "parallel")):
+                if one in given and other not in given:
+                    values.pop(other, None)
+            values.update(given)
         if "setup" in values:
             values["setup"] = tuple([values["setup"]] if isinstance(values["setup"], str) else values["setup"])
         settings = cls(**values)
