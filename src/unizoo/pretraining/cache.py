@@ -4,12 +4,17 @@ The key is a hash of everything that decides the result (architecture, training
 settings, data recipe), so a changed recipe trains afresh and an unchanged one
 reuses the weights. Entries are written to a temporary directory and renamed into
 place, so a crash never leaves a half-written entry that later runs would trust.
+Processes that need the same missing entry at once (a study's variants side by side,
+`unizoo study --parallel`) build it once: the first holds a lock file beside the entry
+while it builds, the others wait for it and load its result.
 """
 
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,6 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+try:  # POSIX; elsewhere concurrent builders each build, and the first rename wins
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
@@ -43,6 +55,32 @@ def cached_directory(kind: str, signature: Any, build: Callable[[Path], None]) -
     if (entry / "signature.json").is_file():
         return entry, True
     entry.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(entry, kind):
+        if (entry / "signature.json").is_file():  # another process built it while this one waited
+            return entry, True
+        _build_entry(entry, signature, build)
+    return entry, False
+
+
+@contextlib.contextmanager
+def _build_lock(entry: Path, kind: str):
+    """Hold `.<hash>.lock` beside the entry while building it; wait, with a log line, where another process holds it."""
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    with open(entry.parent / f".{entry.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s %s: another process is building it; waiting for it (lock %s)", kind, entry.name, handle.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_entry(entry: Path, signature: Any, build: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
     try:
         with torch.random.fork_rng(devices=[]):
@@ -56,4 +94,3 @@ def cached_directory(kind: str, signature: Any, build: Callable[[Path], None]) -
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return entry, False
