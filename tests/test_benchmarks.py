@@ -743,6 +743,14 @@ def test_search_benchmark_scores_every_method_and_verifier(tmp_path):
     budget_one = [r["overall"]["mean"] for r in result["rows"] if r["budget"] == 1]
     assert len(set(budget_one)) == 1  # budget 1 is plain sampling whatever the method and verifier
     assert (folder / "search-quick.png").stat().st_size > 10_000 and "| zero_order | self | 2 | 8 |" in (folder / "search-quick.md").read_text()
+    # --jobs 2: the runs measured side by side in their own processes give the points one process gives.
+    assert search_main([str(run), str(run), "--quick", "--out", str(tmp_path / "jobs"), "--threads", "2", "--jobs", "2"]) == 0
+    side_by_side = json.loads((tmp_path / "jobs" / folder.name / "search-quick.json").read_text())["points"]
+    assert len(side_by_side) == 2 * len(result["points"])
+    for first, second, alone in zip(side_by_side[: len(result["points"])], side_by_side[len(result["points"]):], result["points"], strict=True):
+        for point in (first, second):
+            assert {k: point[k] for k in ("method", "verifier", "budget", "nfe")} == {k: alone[k] for k in ("method", "verifier", "budget", "nfe")}
+            assert point["overall"] == alone["overall"]  # one thread in each: the same arithmetic
 
 
 # ------------------------------------------------------------------ convergence (benchmarks/convergence.py)
