@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -128,6 +129,13 @@ def run_dir(runs: Path, name: str) -> Path | None:
     return None
 
 
+def train_command(runs: Path, name: str, overrides: list[str], seed: int, prompts: int, quick: bool) -> list[str]:
+    """The `unizoo train` command line of one variant and seed."""
+    return [sys.executable, "-m", "unizoo.cli", "train", *overrides, f"seed={seed}", f"name={name}_s{seed}",
+            f"run_root={runs}", f"evaluation.prompts={prompts}", "+trainer.enable_progress_bar=false",
+            *([*QUICK_OVERRIDES, *quick_steps(overrides)] if quick else [])]
+
+
 def train_variant(runs: Path, name: str, overrides: list[str], seed: int, prompts: int, quick: bool) -> Path:
     """`unizoo train` of one variant and seed in its own process, unless a complete run exists."""
     run_name = f"{name}_s{seed}"
@@ -136,11 +144,27 @@ def train_variant(runs: Path, name: str, overrides: list[str], seed: int, prompt
         print(f"[clip_fidelity] {run_name}: reusing {done}", file=sys.stderr, flush=True)
         return done
     print(f"[clip_fidelity] {run_name}: training ({' '.join(overrides) or 'default'})", file=sys.stderr, flush=True)
-    command = [sys.executable, "-m", "unizoo.cli", "train", *overrides, f"seed={seed}", f"name={run_name}",
-               f"run_root={runs}", f"evaluation.prompts={prompts}", "+trainer.enable_progress_bar=false",
-               *([*QUICK_OVERRIDES, *quick_steps(overrides)] if quick else [])]
-    subprocess.run(command, check=True)
+    subprocess.run(train_command(runs, name, overrides, seed, prompts, quick), check=True)
     return run_dir(runs, run_name)
+
+
+def train_side_by_side(runs: Path, names: list[str], seeds: list[int], prompts: int, quick: bool, jobs: int) -> None:
+    """Train every (variant, seed) that has no complete run, `jobs` at a time, the cores split between them: these
+    models use one core better than two (on the 2-core Xeon a run pinned to one core trains at about 190 images/s,
+    one on both at about 215)."""
+    missing = [(name, seed) for name in names for seed in seeds if run_dir(runs, f"{name}_s{seed}") is None]
+    if jobs < 2 or len(missing) < 2:
+        return
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    print(f"[clip_fidelity] training {len(missing)} runs, {jobs} at a time, {threads} thread(s) each", file=sys.stderr, flush=True)
+    # Built here, one after another: composing a recipe (--quick's step counts) is not thread-safe.
+    commands = [train_command(runs, name, VARIANTS[name][1], seed, prompts, quick) for name, seed in missing]
+    environment_variables = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with ThreadPoolExecutor(jobs) as pool:
+        for done in [pool.submit(subprocess.run, command, check=True, env=environment_variables) for command in commands]:
+            done.result()
 
 
 def run_scores(path: Path) -> dict:
@@ -406,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of the table already written for the variants not run now (their runs may be "
                              "gone): the new rows replace or join them, and the table says which command made which")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained side by side, each in its own process with its share of the cores (default 1)")
     parser.add_argument("--existing-only", action="store_true",
                         help="train nothing: tabulate the complete runs already under --runs (each row says its seeds)")
     args = parser.parse_args(argv)
@@ -415,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": command, "environment": environment(torch.device("cpu"), command), "seeds": args.seeds, "prompts": args.prompts,
               "quick": args.quick, "variants": {}, "robustness": {}, "robustness_images": args.robustness_images,
               "guidances": args.guidance, "sampler": {}}
+    if not args.existing_only:
+        train_side_by_side(runs, args.variants, args.seeds, args.prompts, args.quick, args.jobs)
     for name in args.variants:
         if args.existing_only:
             found = {seed: run_dir(runs, f"{name}_s{seed}") for seed in args.seeds}

@@ -541,8 +541,10 @@ def test_clip_fidelity_table_runs_and_resumes(tmp_path):
     command = [sys.executable, "-m", "benchmarks.clip_fidelity", "--quick", "--seeds", "0", "--variants", "vae", "clip_all",
                "blip3o_1500", "--prompts", "4", "--robustness-images", "4", "--guidance", "1", "6", "--runs", str(tmp_path / "runs"),
                "--out", str(tmp_path / "out")]
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    first = subprocess.run([*command, "--jobs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "training 3 runs, 2 at a time" in first.stderr  # then tabulated from the runs just trained
+    assert all(f"] {name}_s0: reusing" in first.stderr for name in ("vae", "clip_all", "blip3o_1500"))
     (folder,) = (tmp_path / "out").iterdir()
     result = json.loads((folder / "clip_fidelity-quick.json").read_text())
     assert set(result["variants"]) == {"vae", "clip_all", "blip3o_1500"}
