@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ from benchmarks import gpu_summary  # noqa: E402
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_without_a_gpu_the_check_says_so_and_writes_nothing(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
-                            timeout=120, env={**__import__("os").environ, "OUT": str(tmp_path)})
+                            timeout=120, env={**os.environ, "OUT": str(tmp_path),
+                                 # the script calls `python`: this interpreter's, activated or not
+                                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     assert result.returncode == 2
     assert result.stderr.startswith("gpu_check: no CUDA GPU is visible to torch")
     assert not any(tmp_path.iterdir())
