@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from unizoo.pretraining.cache import cached_directory
+from unizoo.pretraining.cache import cached_directory, content_hash
 
 SIGNATURE = {"kind": "test", "steps": 3}
 
@@ -47,7 +47,8 @@ def test_a_failed_build_leaves_no_entry(tmp_path, monkeypatch):
 
     with pytest.raises(RuntimeError, match="killed mid-build"):
         cached_directory("test", SIGNATURE, fail)
-    assert not [p for p in (tmp_path / "test").iterdir() if not p.name.endswith(".lock")]
+    assert not list((tmp_path / "test").iterdir())  # no entry, no temporary folder, and the lock lives apart
+    assert [p.name for p in (tmp_path / ".locks" / "test").iterdir()] == [f"{content_hash(SIGNATURE)}.lock"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the build lock is POSIX flock")

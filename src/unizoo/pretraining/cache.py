@@ -5,8 +5,9 @@ settings, data recipe), so a changed recipe trains afresh and an unchanged one
 reuses the weights. Entries are written to a temporary directory and renamed into
 place, so a crash never leaves a half-written entry that later runs would trust.
 Processes that need the same missing entry at once (a study's variants side by side,
-`unizoo study --parallel`) build it once: the first holds a lock file beside the entry
-while it builds, the others wait for it and load its result.
+`unizoo study --parallel`) build it once: the first holds a lock file while it builds,
+the others wait for it and load its result. Lock files live apart, under
+`<cache>/.locks/<kind>/`, so a kind's folder lists its entries and nothing else.
 """
 
 from __future__ import annotations
@@ -64,11 +65,17 @@ def cached_directory(kind: str, signature: Any, build: Callable[[Path], None]) -
 
 @contextlib.contextmanager
 def _build_lock(entry: Path, kind: str):
-    """Hold `.<hash>.lock` beside the entry while building it; wait, with a log line, where another process holds it."""
+    """Hold `<cache>/.locks/<kind>/<hash>.lock` while building the entry; wait, with a log line, where another process holds it.
+
+    The lock file is left in place: deleting it after unlocking would let a waiter lock
+    an unlinked file while a newcomer locks a fresh one, and both build.
+    """
     if fcntl is None:  # pragma: no cover - Windows
         yield
         return
-    with open(entry.parent / f".{entry.name}.lock", "a+") as handle:
+    lock_path = cache_root() / ".locks" / kind / f"{entry.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
