@@ -6,6 +6,8 @@ override sizes, so a recipe that breaks is caught here, not in a user's run.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import subprocess
 import sys
@@ -72,23 +74,34 @@ def tiny_overrides(tmp_path):
     return [*TINY_OVERRIDES, f"run_root={tmp_path / 'runs'}"]
 
 
+# The representations whose cache keys the tests check; their keys are computed together, once.
+CACHE_KEYED_REPRESENTATIONS = ("vae.VAERepresentation", "clip.CLIPRepresentation", "ssl.SSLRepresentation")
+
+
+@functools.cache
+def _cache_keys_per_process() -> tuple[dict[str, str], ...]:
+    """Each of `CACHE_KEYED_REPRESENTATIONS`' default cache keys, computed in three processes with
+    different string-hash seeds; one process computes all three (its start-up, ~8 s, is most of the cost)."""
+    lines = ["import json", "from unizoo.data.datamodule import ShapesDataModule",
+             "from unizoo.pretraining.cache import content_hash", "keys = {}"]
+    for representation in CACHE_KEYED_REPRESENTATIONS:
+        module, cls = representation.rsplit(".", 1)
+        lines += [f"from unizoo.components.representations.{module} import {cls}",
+                  f"keys[{representation!r}] = content_hash({cls}().cache_signature(ShapesDataModule()))"]
+    lines.append("print(json.dumps(keys))")
+    return tuple(
+        json.loads(subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, check=True,
+                                  env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip().splitlines()[-1])
+        for seed in (1, 2, 3)
+    )
+
+
 def cache_keys_in_fresh_processes(representation: str) -> set[str]:
-    """The cache key of `representation`'s default (a class name in unizoo.components.representations)
-    computed in three processes with different string-hash seeds.
+    """The cache key of `representation`'s default (a class name in unizoo.components.representations,
+    one of `CACHE_KEYED_REPRESENTATIONS`) computed in three processes with different string-hash seeds.
 
     Python randomises str hashing per process; a key built from set-ordered config
     (such as transformers' or diffusers' private bookkeeping) would miss the cache in
     every new run.
     """
-    module, cls = representation.rsplit(".", 1)
-    code = (
-        f"from unizoo.components.representations.{module} import {cls};"
-        "from unizoo.data.datamodule import ShapesDataModule;"
-        "from unizoo.pretraining.cache import content_hash;"
-        f"print(content_hash({cls}().cache_signature(ShapesDataModule())))"
-    )
-    return {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
-        for seed in (1, 2, 3)
-    }
+    return {keys[representation] for keys in _cache_keys_per_process()}

@@ -439,17 +439,12 @@ def test_variants_markdown_and_clip_vae_ratio(variants_run):
 
 
 @pytest.fixture(scope="module")
-def targets_run(tmp_path_factory):
-    """``benchmarks.run targets --quick``: a training step encoding the target vs reading it from a cache."""
-    out = tmp_path_factory.mktemp("targets")
-    process = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "targets", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert process.returncode == 0, process.stderr[-3000:]
-    (folder,) = out.iterdir()
+def targets_run(quick_run):
+    """``benchmarks.run targets --quick``, as ``all --quick`` runs it: a training step encoding the target vs
+    reading it from a cache (read from the quick run's folder rather than run a second time)."""
+    folder = quick_run["folder"]
     return {"result": json.loads((folder / "cached_targets-quick.json").read_text()),
-            "md": (folder / "cached_targets-quick.md").read_text(), "stderr": process.stderr}
+            "md": (folder / "cached_targets-quick.md").read_text(), "stderr": quick_run["stderr"]}
 
 
 def test_cached_targets_rows(targets_run):

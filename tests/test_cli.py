@@ -27,6 +27,17 @@ def test_unknown_representation_exits_2_listing_choices():
     assert "representation" in result.stderr and "nope" in result.stderr and "vae" in result.stderr
 
 
+@pytest.mark.parametrize("override", ["representation=nope", "optimiser.lr=1", "trainer.devices=0"])
+def test_a_bad_key_choice_or_device_exits_before_the_training_stack_is_imported(override):
+    """Lightning, diffusers and transformers take ~8 s to import on 2 cores; these mistakes need none of them."""
+    code = ("import sys; from unizoo.cli import main; "
+            f"status = main(['train', {override!r}]); "
+            "print(status, sorted(m for m in ('lightning', 'diffusers', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split()[0] == "2" and result.stdout.strip().endswith("[]"), (result.stdout, result.stderr[-2000:])
+    assert override.partition("=")[0] in result.stderr and "Traceback" not in result.stderr
+
+
 def test_unknown_key_exits_2():
     result = run_cli("recipe", "default", "optimiser.lr=1")
     assert result.returncode == 2

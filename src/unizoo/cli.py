@@ -71,14 +71,26 @@ def command_recipe(args: argparse.Namespace) -> int:
 
 
 def command_train(args: argparse.Namespace) -> int:
+    from unizoo.runtime.accelerator import check_trainer_settings
+
+    resume = None
+    if any(argument.startswith("resume=") for argument in args.overrides):  # unizoo.training.resume.RESUME
+        from unizoo.training.resume import resume_recipe, split_resume  # imports the training stack
+
+        resume, overrides = split_resume(args.overrides)
+        recipe = resume_recipe(resume, overrides)
+    else:
+        recipe = _compose(args.overrides)
+    # Composed and the device checked before the training stack is imported (Lightning, diffusers and
+    # transformers: ~8 s on 2 cores), so a wrong key, choice or device exits in ~3 s. train() checks
+    # the device again for its other callers.
+    check_trainer_settings(recipe.trainer.accelerator, recipe.trainer.devices)
+
     from torch.multiprocessing import ProcessRaisedException
 
     from unizoo.training.nonfinite import NonFiniteLoss, raised_in_a_worker
-    from unizoo.training.resume import resume_recipe, split_resume
     from unizoo.training.train import train
 
-    resume, overrides = split_resume(args.overrides)
-    recipe = resume_recipe(resume, overrides) if resume else _compose(overrides)
     try:
         run_dir = train(recipe, run_dir=resume, resume=resume is not None)
     except (NonFiniteLoss, ProcessRaisedException) as error:

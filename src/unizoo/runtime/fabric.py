@@ -23,9 +23,12 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
-from lightning.fabric import Fabric
-from lightning.fabric.strategies import SingleDeviceStrategy
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,11 @@ def loop_precision(precision: str | None) -> str:
 
 def loop_fabric(precision: str | None = FP32) -> Fabric:
     """A single-device Fabric on the run's device, in `precision` (`auto`: the run's precision)."""
+    # Imported here, not at the top: recipe composition imports this module, and Lightning's own import
+    # (~5 s, most of it torchmetrics) would delay every recipe error by as much.
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import SingleDeviceStrategy
+
     device = loop_device()
     chosen = loop_precision(precision)
     accelerator = "cuda" if device.type == "cuda" else device.type
