@@ -70,17 +70,25 @@ def command_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_resume(arguments: list[str]) -> tuple[Path | None, list[str]]:
+    """Pull `resume=RUN_DIR` out of `unizoo train`'s arguments: (RUN_DIR or None, the rest)."""
+    found = [argument for argument in arguments if argument.startswith("resume=")]
+    rest = [argument for argument in arguments if not argument.startswith("resume=")]
+    if len(found) > 1:
+        raise RecipeError(f"resume= is given {len(found)} times ({', '.join(found)}); give one run directory")
+    return (Path(found[0].partition("=")[2]).expanduser() if found else None), rest
+
+
 def command_train(args: argparse.Namespace) -> int:
     from unizoo.runtime.accelerator import check_trainer_settings
 
-    resume = None
-    if any(argument.startswith("resume=") for argument in args.overrides):  # unizoo.training.resume.RESUME
-        from unizoo.training.resume import resume_recipe, split_resume  # imports the training stack
-
-        resume, overrides = split_resume(args.overrides)
-        recipe = resume_recipe(resume, overrides)
+    resume, overrides = split_resume(args.overrides)
+    if resume is None:
+        recipe = _compose(overrides)
     else:
-        recipe = _compose(args.overrides)
+        from unizoo.training.resume import resume_recipe  # imports the training stack
+
+        recipe = resume_recipe(resume, overrides)
     # Composed and the device checked before the training stack is imported (Lightning, diffusers and
     # transformers: ~8 s on 2 cores), so a wrong key, choice or device exits in ~3 s. train() checks
     # the device again for its other callers.

@@ -33,18 +33,8 @@ from unizoo.training.runs import RECIPE_FILE, stage_checkpoint
 
 log = logging.getLogger(__name__)
 
-RESUME = "resume"
 OVERRIDABLE = ("trainer.", "debug.")
 _ABSENT = object()
-
-
-def split_resume(arguments: list[str]) -> tuple[Path | None, list[str]]:
-    """Pull `resume=RUN_DIR` out of `unizoo train`'s arguments: (RUN_DIR or None, the rest)."""
-    found = [argument for argument in arguments if argument.startswith(f"{RESUME}=")]
-    rest = [argument for argument in arguments if not argument.startswith(f"{RESUME}=")]
-    if len(found) > 1:
-        raise RecipeError(f"resume= is given {len(found)} times ({', '.join(found)}); give one run directory")
-    return (Path(found[0].partition("=")[2]).expanduser() if found else None), rest
 
 
 def resume_recipe(run_dir: Path, overrides: list[str]) -> DictConfig:
