@@ -15,6 +15,7 @@
     loss_log.py        the per-step loss CSV of a run that is killed and resumed
     run_loggers.py     the `logger` recipe group: CSV, TensorBoard, W&B, MLflow
     throughput.py      what a stage cost, for metrics.json
+    model_summary.py   the table of modules and parameters a stage logs when it starts
     sharding.py        `trainer=fsdp`: the strategy, and the copy each stage fits
     cache_targets.py   `unizoo cache-targets`: the training set encoded once
 

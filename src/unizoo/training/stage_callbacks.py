@@ -23,6 +23,7 @@ from unizoo.training.checkpoints import AtomicCheckpointIO, periodic_checkpoint,
 from unizoo.training.ema import GeneratorEMA
 from unizoo.training.faults import check_debug, fault_injection
 from unizoo.training.loss_log import FlushLogsOnSave
+from unizoo.training.model_summary import ParameterSummary
 from unizoo.training.nonfinite import StopOnNonFiniteLoss
 from unizoo.training.runs import stage_checkpoint
 from unizoo.training.step_seeds import StepSeeding
@@ -74,13 +75,17 @@ def progress_callbacks(recipe: DictConfig, stage: Stage, run_dir: Path) -> list[
 
 def stage_trainer(recipe: DictConfig, stage: Stage, stages: list[Stage], run_dir: Path, logger, callbacks=()) -> L.Trainer:
     """The Trainer of one stage: the recipe's trainer settings, the stage's length, and every stage's callbacks plus `callbacks`."""
+    # unizoo's summary replaces Lightning's (unizoo.training.model_summary says why);
+    # `trainer.enable_model_summary=false` still turns it off.
+    summary = [ParameterSummary(stage.name)] if OmegaConf.select(recipe, "trainer.enable_model_summary", default=True) is not False else []
     return instantiate(
         recipe.trainer,
         max_steps=stage.steps,
         default_root_dir=str(run_dir),
         logger=logger,
-        callbacks=[*stage_callbacks(recipe, stage, stages, run_dir), *progress_callbacks(recipe, stage, run_dir), *callbacks],
+        callbacks=[*stage_callbacks(recipe, stage, stages, run_dir), *progress_callbacks(recipe, stage, run_dir), *summary, *callbacks],
         plugins=trainer_plugins(),
+        enable_model_summary=False,
     )
 
 
