@@ -41,6 +41,13 @@ USAGE_ERROR = 2
 TRAINING_FAILED = 1
 
 
+class _NoTips(logging.Filter):
+    """Drops Lightning's "💡 Tip:" lines (advertisements), nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
 def _setup_logging() -> None:
     # Only unizoo's own logger: Lightning and transformers keep their own handlers,
     # and a root handler would print their lines twice.
@@ -53,6 +60,11 @@ def _setup_logging() -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    # Lightning 2.6 advertises its hosted logger at the start of every stage that does not use it;
+    # a run's log keeps Lightning's own information (devices, precision) and loses the advertisement.
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoTips())
 
 
 def _compose(arguments: Sequence[str]):

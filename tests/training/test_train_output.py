@@ -63,6 +63,16 @@ def test_progress_lines_go_where_the_bar_would_be_and_to_train_log(run_to_a_file
     assert "Epoch 0" not in stdout + stderr  # Lightning's bar is off: its carriage-return redraws would fill the file
 
 
+def test_the_log_holds_no_library_chatter(run_to_a_file):
+    _, stdout, stderr = run_to_a_file
+    # Lightning logs "`weights_only` was not set, defaulting to `False`." for a save that does not say
+    # what it keeps; the stage's checkpoint says (the whole state).
+    assert "weights_only" not in stdout + stderr
+    # Lightning's advertisement for its hosted logger, at every stage.
+    assert "Tip" not in stdout + stderr and "litlogger" not in stdout + stderr
+    assert "GPU available" in stderr  # Lightning's own information stays
+
+
 def test_evaluation_warns_once_per_prompt_with_an_unknown_word(run_to_a_file):
     run_dir, _, stderr = run_to_a_file
     datamodule = ShapesDataModule(val_size=64)

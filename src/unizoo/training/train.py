@@ -150,7 +150,9 @@ def _train(recipe: DictConfig, run_dir: Path | None, resume: bool) -> Path:
                 trainer.fit(fitted, datamodule=datamodule, ckpt_path=part.resume_from)
                 trained_steps = trainer.global_step  # the stage's steps, or fewer where it stopped flat
                 training_seconds = curve.finish_stage(trained_steps)
-                trainer.save_checkpoint(stage_checkpoint(run_dir, stage.name))
+                # The whole state (optimiser, loops, callbacks), as the periodic checkpoints hold; said, not defaulted,
+                # which Lightning would log as "`weights_only` was not set".
+                trainer.save_checkpoint(stage_checkpoint(run_dir, stage.name), weights_only=False)
                 take_trained_weights(model, fitted)
             if primary:
                 metrics[stage.name] = curve.measure(stage.name)
