@@ -57,8 +57,7 @@ def quick_run(tmp_path_factory):
     }
     processes = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.run", arguments[0], "--quick", "--device", "cpu", "--threads", "1",
-             *arguments[1:], "--out", str(out)],
+            [sys.executable, "-m", "benchmarks.run", *arguments, "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for name, (arguments, _) in commands.items()

@@ -65,4 +65,3 @@ def readable_count(number: int) -> str:
         if number >= scale:
             return f"{number / scale:.1f} {unit}"
     return str(number)
-
