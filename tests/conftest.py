@@ -7,10 +7,13 @@ override sizes, so a recipe that breaks is caught here, not in a user's run.
 from __future__ import annotations
 
 import functools
+import getpass
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -56,6 +59,33 @@ STAGE_STEPS = {
     "joint": ["strategy.steps=4"],
     "sequential": ["strategy.understanding_steps=4", "strategy.generation_steps=4"],
 }
+
+
+_SESSION_TMP: str | None = None
+
+
+def pytest_configure(config):
+    """Every temporary file of the session, its subprocesses' included, goes under one folder removed at its end.
+
+    Libraries make temporary folders that outlive a session (wandb's media and artifact folders,
+    torch elastic's, and more): each session used to leave several empty folders in /tmp.
+    TMPDIR reaches the subprocesses too. Inductor keeps its compile cache where it was (torch's
+    default), so a developer's second session compiles no more than before.
+    """
+    global _SESSION_TMP
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers): torch's default_cache_dir says uid_N too
+        user = f"uid_{os.getuid()}"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"))
+    _SESSION_TMP = tempfile.mkdtemp(prefix="unizoo-tests-")
+    os.environ["TMPDIR"] = _SESSION_TMP
+    tempfile.tempdir = _SESSION_TMP
+
+
+def pytest_unconfigure(config):
+    if _SESSION_TMP is not None:
+        shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -49,6 +49,9 @@ REPRESENTATION_GROUP = "representation"
 warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
 # The training sampler resumes mid-epoch from the trainer's restored step (unizoo.data.sampler).
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+# Lightning 2.6 builds torch's `LeafSpec()`, which torch 2.14 deprecates with a FutureWarning at every stage: upstream's
+# to change, nothing a unizoo user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False) -> Path:
