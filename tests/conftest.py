@@ -69,15 +69,18 @@ def pytest_configure(config):
 
     Libraries make temporary folders that outlive a session (wandb's media and artifact folders,
     torch elastic's, and more): each session used to leave several empty folders in /tmp.
-    TMPDIR reaches the subprocesses too. Inductor keeps its compile cache where it was (torch's
-    default), so a developer's second session compiles no more than before.
+    TMPDIR reaches the subprocesses too. Two folders stay where they were, in the system's
+    temporary folder: pytest's own (its `tmp_path` folders, the last three sessions' kept for
+    inspecting a failure) and inductor's compile cache, so a second session compiles no more.
     """
     global _SESSION_TMP
+    system_tmp = tempfile.gettempdir()
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", system_tmp)  # read when pytest first makes its base folder, later
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # no name for this uid (some containers): torch's default_cache_dir says uid_N too
         user = f"uid_{os.getuid()}"
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(system_tmp, f"torchinductor_{user}"))
     _SESSION_TMP = tempfile.mkdtemp(prefix="unizoo-tests-")
     os.environ["TMPDIR"] = _SESSION_TMP
     tempfile.tempdir = _SESSION_TMP
