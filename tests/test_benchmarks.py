@@ -637,13 +637,16 @@ def test_vae_pretraining_schedules_table(tmp_path):
     """Each schedule trains the recipe's VAE from the shipped init and data order; bad specs are usage errors."""
     from benchmarks import vae_pretraining  # noqa: PLC0415
 
-    assert vae_pretraining.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert vae_pretraining.main(["--quick", "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
     (folder,) = tmp_path.iterdir()
     result = json.loads((folder / "vae_pretraining-quick.json").read_text())
-    assert [(r["steps"], r["batch"], r["precision"]) for r in result["rows"]] == [(3, 4, "32-true"), (3, 4, "bf16-mixed")]
+    assert [(r["steps"], r["batch"], r["precision"], r["seed"]) for r in result["rows"]] == [
+        (3, 4, "32-true", 0), (3, 4, "32-true", 1), (3, 4, "bf16-mixed", 0), (3, 4, "bf16-mixed", 1)]
     for row in result["rows"]:
         assert row["seconds"] > 0 and math.isfinite(row["final_loss"]) and 0.0 <= row["round_trip_overall"] <= 1.5
-    assert "| 3 x 4 | bf16-mixed |" in (folder / "vae_pretraining-quick.md").read_text()
+    by_seed = [row["final_loss"] for row in result["rows"][:2]]
+    assert by_seed[0] != by_seed[1]  # another initialisation, another VAE
+    assert "| 3 x 4 | bf16-mixed | 1 |" in (folder / "vae_pretraining-quick.md").read_text()
     with pytest.raises(SystemExit):
         vae_pretraining.main(["--schedules", "850:32", "--out", str(tmp_path)])
 
