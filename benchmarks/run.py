@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     peaks = measured_peaks(device, peak_n, peak_repeats)
     for name, peak in peaks.items():
         rate = f"{peak['flops_per_s'] / 1e12:.3f} TFLOP/s" if peak["flops_per_s"] else peak["note"]
-        _progress(f"peak {name}: {rate} ({peak_n}x{peak_n} matmul)")
+        _progress(f"peak {name}: {rate} ({peak['matmul_n']}x{peak['matmul_n']} matmul)")
 
     tables = []
 

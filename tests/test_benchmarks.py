@@ -26,12 +26,14 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package of the repos
 from benchmarks.attention_backends import AttentionConfig, attention_flops  # noqa: E402
 from benchmarks.convergence import main as convergence_main  # noqa: E402
 from benchmarks.convergence import score_at, steps_to_reach  # noqa: E402
+import benchmarks.measure as measure  # noqa: E402
 from benchmarks.measure import PeakMemory, count_flops, memory_method, time_call  # noqa: E402
 from benchmarks.peer_dit import REFERENCE, VARIANTS, Variant, measure_variant, switch_variants  # noqa: E402
 from benchmarks.peer_models import PeerConfig  # noqa: E402
 from benchmarks.peer_pixart import DEFAULT_CONDITION_DIM  # noqa: E402
 from benchmarks.peer_suite import ScalingConfig  # noqa: E402
 from benchmarks.peer_why import COMPILED_GRAPH, kernel_profiling, op_name, self_time_by_op, top_difference  # noqa: E402
+import benchmarks.report as report  # noqa: E402
 from benchmarks.report import machine_slug  # noqa: E402
 from benchmarks.row_guard import RowLimits, RowTooSlow, StepClock, estimated_step_bytes, precheck  # noqa: E402
 from benchmarks.variants import VariantsConfig, run_variants, variants_markdown  # noqa: E402
@@ -96,6 +98,35 @@ def _positive_finite(row: dict, keys) -> None:
     for key in keys:
         value = row[key]
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (row.get("name"), key, value)
+
+
+def test_an_avx2_cpu_gets_its_own_folder_and_avx512_folders_keep_their_names(monkeypatch):
+    # "AMD EPYC" names both an AVX-512 + bf16 Zen 4 and an AVX2-only Zen 3: their numbers
+    # must not land in one folder.
+    monkeypatch.setattr(report, "cpu_model_name", lambda: "AMD EPYC")
+    monkeypatch.setattr(report, "cpu_cores", lambda: 2)
+    for capability, slug in [("AVX512", "cpu-amd-epyc-2c"), ("AVX512_BF16", "cpu-amd-epyc-2c"),
+                             ("AVX2", "cpu-amd-epyc-avx2-2c"), ("DEFAULT", "cpu-amd-epyc-default-2c")]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert machine_slug(torch.device("cpu")) == slug
+
+
+def test_an_emulated_bf16_peak_is_measured_small_and_says_so(monkeypatch):
+    sizes = {}
+
+    def fake_rate(device, dtype, n, warmup, repeats):
+        sizes[dtype] = n
+        return 1e9
+
+    monkeypatch.setattr(measure, "matmul_rate", fake_rate)
+    monkeypatch.setattr(measure, "cpu_computes_bf16", lambda: False)
+    peaks = measure.measured_peaks(torch.device("cpu"), 4096, repeats=1)
+    assert sizes == {torch.float32: 4096, torch.bfloat16: measure.EMULATED_BF16_N}
+    assert peaks["bf16"]["matmul_n"] == measure.EMULATED_BF16_N and "emulated" in peaks["bf16"]["note"]
+    assert peaks["fp32"]["matmul_n"] == 4096 and "emulated" not in peaks["fp32"]["note"]
+    monkeypatch.setattr(measure, "cpu_computes_bf16", lambda: True)
+    peaks = measure.measured_peaks(torch.device("cpu"), 4096, repeats=1)
+    assert peaks["bf16"]["matmul_n"] == 4096 and "emulated" not in peaks["bf16"]["note"]
 
 
 def test_results_land_in_a_machine_folder(quick_run):
