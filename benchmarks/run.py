@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from unizoo.components.generators.dit_blocks import ADALN_MODES
+from unizoo.runtime.precision import cpu_computes_bf16
 
 from .attention_backends import AttentionConfig, run_attention
 from .cached_targets import TargetsConfig, run_cached_targets
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--heads", type=int, default=None, help="heads (default 6)")
     group.add_argument("--head-dim", type=int, default=None, help="head dim (default 64)")
     group.add_argument("--attn-precision", choices=("fp32", "bf16", "fp16"), nargs="+", default=None,
-                       help="q/k/v dtypes (default fp32 and bf16 on CPU, bf16 on CUDA)")
+                       help="q/k/v dtypes (default: bf16 on CUDA; fp32 and bf16 on a CPU with bf16 instructions, "
+                            "fp32 on one without, where bf16 is emulated)")
     group = parser.add_argument_group("peer (unizoo DiT vs diffusers DiT)")
     group.add_argument("--batch", type=int, default=None,
                        help="images per training step, peer and variants (default 8; --quick: 2 peer, 4 variants)")
@@ -137,9 +139,19 @@ def _check_peer_args(args, parser: argparse.ArgumentParser) -> None:
         parser.error("--condition-tokens must be positive integers, e.g. 16 64")
 
 
+def default_attention_precisions(device: torch.device) -> tuple[tuple[str, ...], str]:
+    """The attention benchmark's q/k/v dtypes when ``--attn-precision`` is not given, and why."""
+    if device.type == "cuda":
+        return ("bf16",), "bf16, the working precision on GPUs"
+    if cpu_computes_bf16():
+        return ("fp32", "bf16"), "fp32 and bf16: this CPU computes bf16 natively (AVX512-BF16 or AMX)"
+    # Emulated bf16 runs about 100x slower than fp32 here: its rows would take hours and say
+    # nothing about a kernel anyone would choose on this CPU.
+    return ("fp32",), "fp32 only: this CPU has no bf16 instructions (emulated bf16 is about 100x slower; --attn-precision bf16 runs it anyway)"
+
+
 def _configs(args, device: torch.device) -> tuple[AttentionConfig, PeerConfig, int, int]:
-    # bf16 is the working precision on GPUs; on a CPU with AMX it is a real lever too.
-    precisions = tuple(args.attn_precision or (("bf16",) if device.type == "cuda" else ("fp32", "bf16")))
+    precisions = tuple(args.attn_precision or default_attention_precisions(device)[0])
     attention = AttentionConfig.quick(precisions) if args.quick else AttentionConfig(precisions=precisions)
     peer = PeerConfig.quick() if args.quick else PeerConfig()
     overrides = {
@@ -217,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _progress("wrote " + ", ".join(map(str, paths)))
 
     if args.benchmark in ("attention", "all"):
+        if not args.attn_precision:
+            _progress("attention precisions: " + default_attention_precisions(device)[1])
         report("attention", run_attention(attention_cfg, device, peaks, progress=_progress))
     if args.benchmark in ("peer", "all"):
         _run_peers(args, peer_cfg, device, peaks, report)

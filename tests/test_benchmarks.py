@@ -129,6 +129,21 @@ def test_an_emulated_bf16_peak_is_measured_small_and_says_so(monkeypatch):
     assert peaks["bf16"]["matmul_n"] == 4096 and "emulated" not in peaks["bf16"]["note"]
 
 
+def test_the_attention_benchmark_leaves_out_emulated_bf16_unless_asked(monkeypatch):
+    import benchmarks.run as run  # noqa: PLC0415
+
+    def precisions(argv):
+        return run._configs(run.build_parser().parse_args(["attention", *argv]), torch.device("cpu"))[0].precisions
+
+    monkeypatch.setattr(run, "cpu_computes_bf16", lambda: False)
+    assert precisions([]) == ("fp32",)
+    assert "no bf16 instructions" in run.default_attention_precisions(torch.device("cpu"))[1]
+    assert precisions(["--attn-precision", "bf16"]) == ("bf16",)  # asked for: measured, however slow
+    monkeypatch.setattr(run, "cpu_computes_bf16", lambda: True)
+    assert precisions([]) == ("fp32", "bf16")
+    assert run.default_attention_precisions(torch.device("cuda"))[0] == ("bf16",)
+
+
 def test_results_land_in_a_machine_folder(quick_run):
     folder = quick_run["folder"]
     assert folder.name == machine_slug(torch.device("cpu"))
