@@ -44,7 +44,7 @@ import torch
 
 from unizoo.components.conditioning.condition import select_rows
 
-from .report import environment, machine_slug
+from .report import commit_label, environment, machine_slug
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 CLIP = "representation=clip"
@@ -323,7 +323,7 @@ def markdown(result: dict) -> str:
     made_by = result.get("made_by") or []
     lines = [
         f"<!-- {result['command']} | {result['environment']['device_name']} | torch {result['environment']['torch']} "
-        f"| commit {result['environment']['git_commit']} -->",
+        f"| {commit_label(result['environment'])} -->",
         "",
         *([f"Rows {', '.join(f'`{v}`' for v in entry['variants'])}: `{entry['command']}` at commit {entry['commit']}."
            for entry in made_by] + [""] if len(made_by) > 1 else []),

@@ -33,6 +33,7 @@ from hydra.utils import instantiate
 
 from unizoo.config.composition import compose_recipe
 from unizoo.runtime.fabric import loops_on
+from unizoo.runtime.library_chatter import quiet_library_chatter
 from unizoo.runtime.precision import compute_dtype
 from unizoo.training.build import build_model
 from unizoo.training.ema import update_average
@@ -145,6 +146,7 @@ def parts_ms(model, recipe, device: torch.device, cfg: LoopConfig) -> dict:
 
 
 def run_loop(cfg: LoopConfig, device: torch.device, peaks: dict, progress=print) -> dict:
+    quiet_library_chatter()  # its log reads like a run's: no tips, no warnings a user cannot act on
     total_steps = cfg.warmup + cfg.steps
     recipe = _recipe(cfg, device, total_steps)
     with loops_on(recipe.trainer.accelerator, recipe.trainer.precision), tempfile.TemporaryDirectory(prefix="unizoo-loop-bench-") as tmp:

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from unizoo.components.generators.attention import auto_backend
+from unizoo.runtime.precision import cpu_computes_bf16
 
 from .attention_backends import unavailable_reason
 from .measure import PeakMemory, Timing, count_flops, mfu, synchronize
@@ -132,7 +133,11 @@ def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
-def _skip_reason(variant: Variant, device: torch.device) -> str | None:
+def _skip_reason(variant: Variant, cfg: PeerConfig, device: torch.device) -> str | None:
+    if variant.precision == "bf16" and device.type == "cpu" and not cfg.emulated_bf16 and not cpu_computes_bf16():
+        # Emulated bf16 runs matmuls about 100x slower than fp32: at DiT-S/2 each such row would
+        # run into the row limit and say nothing about a switch anyone would turn on here.
+        return "bf16 is emulated on this CPU (no AVX512-BF16 or AMX), about 100x slower than fp32; --emulated-bf16 runs it"
     if variant.attention:
         dtype = torch.bfloat16 if variant.precision == "bf16" else torch.float32
         return unavailable_reason(variant.attention, device, dtype)
@@ -251,7 +256,7 @@ def measure_together(variants, cfg, device, init_states: dict, batches, flops: d
         for variant in variants:
             family = variant.model
             row = _row_base(variant, cfg, device, params[family])
-            status = _skip_reason(variant, device)
+            status = _skip_reason(variant, cfg, device)
             status = f"skipped: {status}" if status else precheck(
                 cfg, params[family], flops[family], len(batches), peaks.get(variant.precision, {}).get("flops_per_s"),
                 limits)

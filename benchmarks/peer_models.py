@@ -78,6 +78,7 @@ class PeerConfig:
     compile_backend: str = "inductor"
     seed: int = 0
     max_profiles: int | None = None  # "why" profiles per comparison, slowest pair first; None = every slower pair
+    emulated_bf16: bool = False  # run bf16 rows on a CPU without bf16 instructions too (skipped by default)
 
     @classmethod
     def quick(cls) -> PeerConfig:

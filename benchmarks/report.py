@@ -72,6 +72,33 @@ def _cpu_flags() -> list[str]:
     return sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"})
 
 
+def _git(*arguments: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *arguments], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """The checkout's commit and whether tracked files differ from it (None, None outside a git checkout).
+
+    Results written earlier (benchmarks/results) do not count: a second benchmark run after a
+    first one would otherwise always be "dirty".
+    """
+    commit = (_git("rev-parse", "--short", "HEAD") or "").strip() or None
+    if commit is None:
+        return None, None
+    changes = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    return commit, None if changes is None else bool(changes.strip())
+
+
+def commit_label(env: dict) -> str:
+    """``commit abc1234``, with ``+ uncommitted changes`` where the tree differed from it."""
+    commit = env.get("git_commit") or "unknown"
+    return f"commit {commit}" + (" + uncommitted changes" if env.get("git_dirty") else "")
+
+
 def environment(device: torch.device, command: str | None = None) -> dict:
     """What produced the numbers: versions, hardware, threads, commit, command line.
 
@@ -83,11 +110,7 @@ def environment(device: torch.device, command: str | None = None) -> dict:
         diffusers_version = diffusers.__version__
     except ImportError:
         diffusers_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=5, check=False).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit, dirty = git_state()
     return {
         "machine": machine_slug(device),
         "device": str(device),
@@ -100,6 +123,7 @@ def environment(device: torch.device, command: str | None = None) -> dict:
         "diffusers": diffusers_version,
         "python": platform.python_version(),
         "git_commit": commit,
+        "git_dirty": dirty,
         "command": command or " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -158,7 +182,8 @@ def write_results(name: str, result: dict, env: dict, peaks: dict, out_root: Pat
     json_path = folder / f"{stem}.json"
     json_path.write_text(json.dumps(_strict_json(payload), indent=2, allow_nan=False) + "\n")
     header = (f"<!-- {env['command']} | {env['device_name']} | torch {env['torch']} | "
-              f"{env['torch_threads']} threads | {env['timestamp']}{' | QUICK: not real numbers' if quick else ''} -->")
+              f"{env['torch_threads']} threads | {commit_label(env)} | {env['timestamp']}"
+              f"{' | QUICK: not real numbers' if quick else ''} -->")
     markdown = header + "\n\n" + MARKDOWN[kind or name](result, peaks) + "\n"
     md_path = folder / f"{stem}.md"
     md_path.write_text(markdown)

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--peer-size", default=None,
                        help="dit and pixart: the DiT size of both sides, a preset of unizoo's DIT_SIZES (default S: DiT-S/2); "
                             "results of another size are written as peer_dit_<size> (e.g. peer_dit_xl)")
+    group.add_argument("--emulated-bf16", action="store_true",
+                       help="run the bf16 rows on a CPU without bf16 instructions too, where bf16 is emulated about "
+                            "100x slower than fp32 (default: skipped, saying so)")
     group.add_argument("--row-time-limit", type=float, default=None,
                        help="seconds a peer row may take; longer rows say so instead of running (default 900)")
     group = parser.add_argument_group("variants (a training step per design-space cell, stage and size)")
@@ -160,7 +163,8 @@ def _configs(args, device: torch.device) -> tuple[AttentionConfig, PeerConfig, i
     }
     attention = replace(attention, **{k: v for k, v in overrides.items() if v is not None})
     overrides = {"batch": args.batch, "loss_steps": args.loss_steps, "compile_backend": args.compile_backend,
-                 "warmup": args.warmup, "repeats": args.repeats, "adaln": args.adaln}
+                 "warmup": args.warmup, "repeats": args.repeats, "adaln": args.adaln,
+                 "emulated_bf16": args.emulated_bf16 or None}
     peer = replace(peer, **{k: v for k, v in overrides.items() if v is not None})
     if args.peer_size is not None:
         from unizoo.components.generators.dit import DIT_SIZES  # noqa: PLC0415

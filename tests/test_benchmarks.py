@@ -53,13 +53,17 @@ def quick_run(tmp_path_factory):
     # One thread each: two OpenMP threads next to another busy process wait on each other (the
     # variants grid alone once took over 4 minutes). Two processes, each with its own time limit, run
     # side by side on the CI machine's two cores: everything but the conditioned peers, and those.
+    # bf16 is asked for: a CPU without bf16 instructions leaves it out by default (tested apart), and
+    # the harness's bf16 paths are checked on every CPU (at these sizes emulated bf16 costs seconds).
+    every_precision = ["--attn-precision", "fp32", "bf16", "--emulated-bf16"]
     commands = {
         "all": (["all", "--peer-parts", "dit"], 300),
         "conditioned peers": (["peer", "--peer-parts", "pixart", "scaling"], 600),  # ~60 s of CPU; slack for a busy machine
     }
     processes = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.run", *arguments, "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)],
+            [sys.executable, "-m", "benchmarks.run", *arguments, *every_precision, "--quick", "--device", "cpu", "--threads", "1",
+             "--out", str(out)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for name, (arguments, _) in commands.items()
@@ -84,6 +88,7 @@ def quick_run(tmp_path_factory):
         "stdout": stdout,
         "stderr": stderr,
         "attention": json.loads((folder / "attention-quick.json").read_text()),
+        "loop": json.loads((folder / "loop-quick.json").read_text()),
         "peer": json.loads((folder / "peer_dit-quick.json").read_text()),
         "pixart": json.loads((folder / "peer_pixart-quick.json").read_text()),
         "scaling": json.loads((folder / "peer_scaling-quick.json").read_text()),
@@ -144,9 +149,69 @@ def test_the_attention_benchmark_leaves_out_emulated_bf16_unless_asked(monkeypat
     assert run.default_attention_precisions(torch.device("cuda"))[0] == ("bf16",)
 
 
+def test_the_peer_benchmark_skips_emulated_bf16_rows_unless_asked(monkeypatch):
+    import benchmarks.peer_dit as peer_dit  # noqa: PLC0415
+    import benchmarks.run as run  # noqa: PLC0415
+
+    cpu = torch.device("cpu")
+    peer_cfg = run._configs(run.build_parser().parse_args(["peer"]), cpu)[1]
+    asked_cfg = run._configs(run.build_parser().parse_args(["peer", "--emulated-bf16"]), cpu)[1]
+    bf16, fp32 = Variant("unizoo bf16", "unizoo", "bf16"), Variant("unizoo fp32", "unizoo")
+    monkeypatch.setattr(peer_dit, "cpu_computes_bf16", lambda: False)
+    assert "bf16 is emulated on this CPU" in peer_dit._skip_reason(bf16, peer_cfg, cpu)
+    assert peer_dit._skip_reason(fp32, peer_cfg, cpu) is None
+    assert peer_dit._skip_reason(bf16, asked_cfg, cpu) is None  # asked for: measured, however slow
+    rows = peer_dit.measure_together((bf16,), peer_cfg, cpu, {"unizoo": {}}, list(range(2)),
+                                     flops={"unizoo": 1}, params={"unizoo": 1}, peaks={})
+    assert rows[0]["status"].startswith("skipped: bf16 is emulated")  # skipped before any model is built
+    monkeypatch.setattr(peer_dit, "cpu_computes_bf16", lambda: True)
+    assert peer_dit._skip_reason(bf16, peer_cfg, cpu) is None
+    assert peer_dit._skip_reason(bf16, peer_cfg, torch.device("cuda")) is None
+
+
+def test_results_say_whether_the_tree_had_uncommitted_changes(tmp_path, monkeypatch):
+    def git(*arguments):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *arguments], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    monkeypatch.chdir(tmp_path)
+    assert report.git_state() == (None, None)  # not a checkout
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "loop.md").write_text("old\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    commit, dirty = report.git_state()
+    assert re.fullmatch(r"[0-9a-f]{7,}", commit) and dirty is False
+    (tmp_path / "benchmarks" / "results" / "loop.md").write_text("a result written by an earlier run\n")
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert report.git_state() == (commit, False)  # neither results nor untracked files count
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert report.git_state() == (commit, True)
+    env = {**report.environment(torch.device("cpu"), command="x"), "memory_method": "m"}
+    assert env["git_commit"] == commit and env["git_dirty"] is True
+    assert report.commit_label(env) == f"commit {commit} + uncommitted changes"
+    assert report.commit_label({**env, "git_dirty": False}) == f"commit {commit}"
+
+
+def test_the_loop_benchmark_times_both_steps_and_its_log_reads_like_a_run_s(quick_run):
+    (row,) = quick_run["loop"]["rows"]
+    assert row["recipe"] == "default" and row["device"] == "cpu"
+    assert len(row["bare_times_ms"]) == quick_run["loop"]["config"]["bare_steps"]
+    assert row["bare_step_ms"] > 0 and row["whole_step_ms"] > 0 and row["loader_ms"] > 0 and row["ema_update_ms"] > 0
+    assert row["overhead"] == pytest.approx(row["whole_step_ms"] / row["bare_step_ms"] - 1)
+    assert row["whole_images_per_s"] == pytest.approx(row["batch"] * 1e3 / row["whole_step_ms"])
+    # What `unizoo train` filters, the benchmark's log does not carry either.
+    for chatter in ("Tip", "litlogger", "LeafSpec", "in eval mode"):
+        assert chatter not in quick_run["stderr"], chatter
+
+
 def test_results_land_in_a_machine_folder(quick_run):
     folder = quick_run["folder"]
     assert folder.name == machine_slug(torch.device("cpu"))
+    header = (folder / "attention-quick.md").read_text().splitlines()[0]
+    assert re.search(r"\| commit ([0-9a-f]{7,}|unknown)( \+ uncommitted changes)? \|", header), header
     assert re.fullmatch(r"cpu-[a-z0-9-]+-\d+c", folder.name)
     for result in (quick_run["attention"], quick_run["peer"]):
         assert result["quick"] is True
@@ -159,7 +224,7 @@ def test_results_land_in_a_machine_folder(quick_run):
 def test_attention_rows(quick_run):
     result = quick_run["attention"]
     expected = {(b, n, p) for b in ("math", "sdpa", "gemm", "xformers") for n in AttentionConfig.quick().seq_lens
-                for p in ("fp32", "bf16")}  # both precisions by default on the CPU
+                for p in ("fp32", "bf16")}  # both precisions, as asked
     assert {(r["backend"], r["seq_len"], r["precision"]) for r in result["rows"]} == expected
     for row in result["rows"]:
         if row["backend"] == "xformers":

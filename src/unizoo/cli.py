@@ -32,6 +32,7 @@ from unizoo import __version__
 from unizoo.config.composition import compose_recipe, split_recipe_override
 from unizoo.data.errors import DataError
 from unizoo.errors import RecipeError, UsageError
+from unizoo.runtime.library_chatter import quiet_library_chatter
 from unizoo.studies.command import add_arguments as add_study_arguments
 from unizoo.studies.command import command_study
 
@@ -39,13 +40,6 @@ log = logging.getLogger("unizoo")
 
 USAGE_ERROR = 2
 TRAINING_FAILED = 1
-
-
-class _NoTips(logging.Filter):
-    """Drops Lightning's "💡 Tip:" lines (advertisements), nothing else."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
 
 
 def _setup_logging() -> None:
@@ -60,11 +54,8 @@ def _setup_logging() -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    # Lightning 2.6 advertises its hosted logger at the start of every stage that does not use it;
-    # a run's log keeps Lightning's own information (devices, precision) and loses the advertisement.
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _NoTips) for f in rank_zero.filters):
-        rank_zero.addFilter(_NoTips())
+    # A run's log keeps Lightning's own information (devices, precision) and loses its advertisements.
+    quiet_library_chatter()
 
 
 def _compose(arguments: Sequence[str]):

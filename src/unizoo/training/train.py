@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +25,7 @@ from unizoo.eval.search_evaluation import search_evaluation
 from unizoo.model import UnifiedModel
 from unizoo.runtime.accelerator import check_trainer_settings, describe_accelerator, use_tensor_cores
 from unizoo.runtime.fabric import loops_on, on_loop_device
+from unizoo.runtime.library_chatter import quiet_library_chatter
 from unizoo.runtime.precision import describe_precision
 from unizoo.text.unknown_words import warn_unknown_words
 from unizoo.training.build import build_model
@@ -45,13 +45,9 @@ log = logging.getLogger(__name__)
 # The parameter group of a representation that trains (REPA-E's VAE): its round trip is measured again after such a stage.
 REPRESENTATION_GROUP = "representation"
 
-# Frozen components (the VAE, CLIP towers) stay in eval mode on purpose.
-warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
-# The training sampler resumes mid-epoch from the trainer's restored step (unizoo.data.sampler).
-warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
-# Lightning 2.6 builds torch's `LeafSpec()`, which torch 2.14 deprecates with a FutureWarning at every stage: upstream's
-# to change, nothing a unizoo user can act on.
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+# A run's log keeps Lightning's information and loses what a user cannot act on (eval-mode frozen
+# towers, mid-epoch resumes, LeafSpec's deprecation, hosted-logger tips).
+quiet_library_chatter()
 
 
 def train(recipe: DictConfig, run_dir: Path | None = None, resume: bool = False) -> Path:
