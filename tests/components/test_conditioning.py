@@ -144,4 +144,8 @@ def test_queries_is_todays_model_bit_for_bit(tiny_overrides):
     old = OmegaConf.to_container(recipe)
     del old["conditioning"]
     assert loss(recipe) == loss(OmegaConf.create(old))
-    assert loss(recipe) == pytest.approx(2.2292752265930176, rel=1e-6)
+    # Recorded on an AVX-512 CPU, where it reproduces to the last bits. Other vector kernels sum in another
+    # order (under AVX2 dispatch the loss is 2.2287042, 2.6e-4 apart), so elsewhere the check is looser;
+    # the bit-for-bit check against the recipe without the group above holds on every CPU.
+    exact = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert loss(recipe) == pytest.approx(2.2292752265930176, rel=1e-6 if exact else 1e-3)
