@@ -206,6 +206,15 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, warmup: int, r
 EMULATED_BF16_N = 512
 
 
+def bf16_is_emulated(device: torch.device) -> bool:
+    """Whether bf16 on `device` is a software emulation (a CPU without AVX512-BF16 or AMX).
+
+    The one test behind every benchmark's handling of it: the small peak matmul here, the
+    attention benchmark's default precisions, the peer benchmark's skipped bf16 rows.
+    """
+    return device.type == "cpu" and not cpu_computes_bf16()
+
+
 def measured_peaks(device: torch.device, n: int, repeats: int, precisions=("fp32", "bf16")) -> dict:
     """``{precision: {"flops_per_s": float | None, "matmul_n": int, "note": str}}``.
 
@@ -217,7 +226,7 @@ def measured_peaks(device: torch.device, n: int, repeats: int, precisions=("fp32
     peaks = {}
     for name in precisions:
         size, note = n, "torch.mm, median" + (" (TF32 enabled)" if tf32 and name == "fp32" else "")
-        if name == "bf16" and device.type == "cpu" and not cpu_computes_bf16():
+        if name == "bf16" and bf16_is_emulated(device):
             size = min(n, EMULATED_BF16_N)
             note += ", emulated: this CPU has no bf16 instructions (AVX512-BF16 or AMX)"
         try:

@@ -36,10 +36,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from unizoo.components.generators.attention import auto_backend
-from unizoo.runtime.precision import cpu_computes_bf16
 
 from .attention_backends import unavailable_reason
-from .measure import PeakMemory, Timing, count_flops, mfu, synchronize
+from .measure import PeakMemory, Timing, bf16_is_emulated, count_flops, mfu, synchronize
 from .peer_models import (
     PeerConfig,
     build_diffusers,
@@ -134,7 +133,7 @@ def _short(error: BaseException) -> str:
 
 
 def _skip_reason(variant: Variant, cfg: PeerConfig, device: torch.device) -> str | None:
-    if variant.precision == "bf16" and device.type == "cpu" and not cfg.emulated_bf16 and not cpu_computes_bf16():
+    if variant.precision == "bf16" and not cfg.emulated_bf16 and bf16_is_emulated(device):
         # Emulated bf16 runs matmuls about 100x slower than fp32: at DiT-S/2 each such row would
         # run into the row limit and say nothing about a switch anyone would turn on here.
         return "bf16 is emulated on this CPU (no AVX512-BF16 or AMX), about 100x slower than fp32; --emulated-bf16 runs it"

@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 
 from unizoo.components.generators.dit_blocks import ADALN_MODES
-from unizoo.runtime.precision import cpu_computes_bf16
 
 from .attention_backends import AttentionConfig, run_attention
 from .cached_targets import TargetsConfig, run_cached_targets
 from .loop import LoopConfig, run_loop
-from .measure import measured_peaks, memory_method
+from .measure import bf16_is_emulated, measured_peaks, memory_method
 from .peer_dit import run_peer
 from .peer_models import PeerConfig
 from .peer_suite import ScalingConfig, run_pixart, run_scaling
@@ -146,7 +145,7 @@ def default_attention_precisions(device: torch.device) -> tuple[tuple[str, ...],
     """The attention benchmark's q/k/v dtypes when ``--attn-precision`` is not given, and why."""
     if device.type == "cuda":
         return ("bf16",), "bf16, the working precision on GPUs"
-    if cpu_computes_bf16():
+    if not bf16_is_emulated(device):
         return ("fp32", "bf16"), "fp32 and bf16: this CPU computes bf16 natively (AVX512-BF16 or AMX)"
     # Emulated bf16 runs about 100x slower than fp32 here: its rows would take hours and say
     # nothing about a kernel anyone would choose on this CPU.

@@ -140,11 +140,11 @@ def test_the_attention_benchmark_leaves_out_emulated_bf16_unless_asked(monkeypat
     def precisions(argv):
         return run._configs(run.build_parser().parse_args(["attention", *argv]), torch.device("cpu"))[0].precisions
 
-    monkeypatch.setattr(run, "cpu_computes_bf16", lambda: False)
+    monkeypatch.setattr(measure, "cpu_computes_bf16", lambda: False)
     assert precisions([]) == ("fp32",)
     assert "no bf16 instructions" in run.default_attention_precisions(torch.device("cpu"))[1]
     assert precisions(["--attn-precision", "bf16"]) == ("bf16",)  # asked for: measured, however slow
-    monkeypatch.setattr(run, "cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr(measure, "cpu_computes_bf16", lambda: True)
     assert precisions([]) == ("fp32", "bf16")
     assert run.default_attention_precisions(torch.device("cuda"))[0] == ("bf16",)
 
@@ -157,14 +157,14 @@ def test_the_peer_benchmark_skips_emulated_bf16_rows_unless_asked(monkeypatch):
     peer_cfg = run._configs(run.build_parser().parse_args(["peer"]), cpu)[1]
     asked_cfg = run._configs(run.build_parser().parse_args(["peer", "--emulated-bf16"]), cpu)[1]
     bf16, fp32 = Variant("unizoo bf16", "unizoo", "bf16"), Variant("unizoo fp32", "unizoo")
-    monkeypatch.setattr(peer_dit, "cpu_computes_bf16", lambda: False)
+    monkeypatch.setattr(measure, "cpu_computes_bf16", lambda: False)
     assert "bf16 is emulated on this CPU" in peer_dit._skip_reason(bf16, peer_cfg, cpu)
     assert peer_dit._skip_reason(fp32, peer_cfg, cpu) is None
     assert peer_dit._skip_reason(bf16, asked_cfg, cpu) is None  # asked for: measured, however slow
     rows = peer_dit.measure_together((bf16,), peer_cfg, cpu, {"unizoo": {}}, list(range(2)),
                                      flops={"unizoo": 1}, params={"unizoo": 1}, peaks={})
     assert rows[0]["status"].startswith("skipped: bf16 is emulated")  # skipped before any model is built
-    monkeypatch.setattr(peer_dit, "cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr(measure, "cpu_computes_bf16", lambda: True)
     assert peer_dit._skip_reason(bf16, peer_cfg, cpu) is None
     assert peer_dit._skip_reason(bf16, peer_cfg, torch.device("cuda")) is None
 
