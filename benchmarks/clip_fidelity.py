@@ -306,9 +306,13 @@ def _mean_std(values: list[float]) -> str:
 
 def merged(before: dict, now: dict) -> dict:
     """`before`'s table with `now`'s rows replacing or joining its own; each row remembers the command that made it."""
-    history = before.get("made_by") or [{"command": before["command"], "commit": before["environment"]["git_commit"],
-                                        "variants": list(before["variants"])}]
-    made_now = {"command": now["command"], "commit": now["environment"]["git_commit"], "variants": list(now["variants"])}
+    def made_by(result: dict) -> dict:
+        env = result["environment"]
+        return {"command": result["command"], "commit": env["git_commit"], "git_dirty": env.get("git_dirty"),
+                "variants": list(result["variants"])}
+
+    history = before.get("made_by") or [made_by(before)]
+    made_now = made_by(now)
     history = [{**entry, "variants": [v for v in entry["variants"] if v not in now["variants"]]} for entry in history]
     result = {**before, "environment": now["environment"], "command": now["command"],
               "made_by": [entry for entry in history if entry["variants"]] + [made_now],
@@ -325,7 +329,8 @@ def markdown(result: dict) -> str:
         f"<!-- {result['command']} | {result['environment']['device_name']} | torch {result['environment']['torch']} "
         f"| {commit_label(result['environment'])} -->",
         "",
-        *([f"Rows {', '.join(f'`{v}`' for v in entry['variants'])}: `{entry['command']}` at commit {entry['commit']}."
+        *([f"Rows {', '.join(f'`{v}`' for v in entry['variants'])}: `{entry['command']}` at "
+           f"{commit_label({'git_commit': entry['commit'], 'git_dirty': entry.get('git_dirty')})}."
            for entry in made_by] + [""] if len(made_by) > 1 else []),
         f"### CLIP-feature generation: each lever alone and together, against the VAE default "
         f"(generation only unless the row says sequential, default sizes unless it says, seeds {', '.join(map(str, seeds))}, "

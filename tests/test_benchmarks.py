@@ -918,3 +918,19 @@ def test_convergence_tabulates_steps_speed_ups_and_round_trips(tmp_path):
     assert (tmp_path / "out" / "m" / "t.png").stat().st_size > 0
     result = json.loads((tmp_path / "out" / "m" / "t.json").read_text())
     assert result["cells"]["repa"]["speedup"]["0.2"] == pytest.approx(175 / (250 / 3))
+
+
+def test_clip_fidelity_merge_names_each_rows_commit_and_dirty_state():
+    """A merged table says which command and commit made each row, and where the tree had uncommitted changes."""
+    from benchmarks.clip_fidelity import markdown, merged
+
+    before = json.loads((ROOT / "benchmarks/results/cpu-intel-r-xeon-r-processor-2c/clip_fidelity.json").read_text())
+    now = {**before, "command": "python -m benchmarks.clip_fidelity --variants vae --merge",
+           "environment": {**before["environment"], "git_commit": "abc1234", "git_dirty": True},
+           "variants": {"vae": before["variants"]["vae"]}, "robustness": {}, "sampler": {}}
+    result = merged(before, now)
+    assert result["made_by"][-1] == {"command": now["command"], "commit": "abc1234", "git_dirty": True, "variants": ["vae"]}
+    assert all("vae" not in entry["variants"] for entry in result["made_by"][:-1])
+    text = markdown(result)
+    assert "Rows `vae`: `python -m benchmarks.clip_fidelity --variants vae --merge` at commit abc1234 + uncommitted changes." in text
+    assert "at commit 4134dac." in text  # an entry written before the flag existed reads as clean

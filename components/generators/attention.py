@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from unizoo.errors import RecipeError
+from unizoo.runtime.precision import cpu_computes_bf16
 
 BACKENDS = ("auto", "xformers", "sdpa", "gemm", "math")
 # "auto" takes gemm on the CPU in bf16 up to this many scores per (batch, head): up to
@@ -201,6 +202,16 @@ def probe(backend: str, device: torch.device | str, dtype: torch.dtype, head_dim
     return _probe_results[key]
 
 
+def _why_gemm_on_this_cpu() -> str:
+    """Why auto takes gemm for bf16 at short sequences here; measured only on CPUs with bf16 instructions."""
+    if cpu_computes_bf16():
+        return "bf16 on the CPU at short sequences: one matrix product beats the flash kernel"
+    # Measured on an AMX Xeon and an AVX512-BF16 EPYC (benchmarks/results/cpu-*/attention.md), never
+    # under emulated bf16: the log must not claim a measurement this CPU never had.
+    return ("bf16 on the CPU at short sequences: one matrix product, as on CPUs with bf16 instructions where it "
+            "beats the flash kernel (this CPU emulates bf16: not measured here)")
+
+
 def auto_backend(
     device: torch.device, dtype: torch.dtype, query_len: int, key_len: int, head_dim: int = 64
 ) -> tuple[str, str | None]:
@@ -212,7 +223,7 @@ def auto_backend(
     if device.type == "cpu" and dtype == torch.bfloat16 and query_len * key_len <= GEMM_MAX_SCORES:
         gemm_failure = probe("gemm", device, dtype, head_dim)
         if not gemm_failure:
-            return "gemm", f"{reason}; bf16 on the CPU at short sequences: matrix units beat the flash kernel"
+            return "gemm", f"{reason}; {_why_gemm_on_this_cpu()}"
         reason = f"{reason}; {gemm_failure}"
     return "sdpa", reason
 

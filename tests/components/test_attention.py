@@ -278,6 +278,17 @@ def test_auto_picks_gemm_for_bf16_on_cpu_up_to_a_size(monkeypatch, caplog):
     assert "auto -> gemm (" in caplog.text
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_gemm_reason_claims_a_measurement_only_where_bf16_is_native(monkeypatch, native_bf16):
+    monkeypatch.setattr(attn_mod, "probe", lambda backend, *args: None if backend == "gemm" else "xformers not installed")
+    monkeypatch.setattr(attn_mod, "cpu_computes_bf16", lambda: native_bf16)
+    chosen, reason = attn_mod.auto_backend(torch.device("cpu"), torch.bfloat16, 64, 64, 16)
+    assert chosen == "gemm"
+    assert reason.startswith("xformers not installed; bf16 on the CPU at short sequences: one matrix product")
+    assert reason.endswith("beats the flash kernel") is native_bf16
+    assert reason.endswith("(this CPU emulates bf16: not measured here)") is not native_bf16
+
+
 def test_explicit_xformers_on_cpu_raises(monkeypatch):
     q, k, v = _qkv(1, 4, 4, 1, 8)
     # Real environment: xformers missing, or present but these tensors are on CPU.
