@@ -215,6 +215,8 @@ class CLIPRepresentation(nn.Module):
                     "pretrains only the tiny transformers CLIP (tower=transformers, pretrained=null)"
                 )
             self._load_tiny_clip(datamodule)
+        else:  # the log says where the weights came from in every case (cached, pretrained now, or given)
+            log.info("representation: using the %s vision tower at %s (representation.pretrained)", self.tower, self.pretrained)
         if self.normalize != "none":
             self._fit_normalisation(datamodule)
         if self.decoder is not None:

@@ -147,6 +147,8 @@ class VAERepresentation(nn.Module):
         """
         if self.pretrained is None:
             self._load_cached(datamodule)
+        else:  # the log says where the weights came from in every case (cached, pretrained now, or given)
+            log.info("representation: using the VAE at %s (representation.pretrained)", self.pretrained)
         if self.batch_norm is not None:
             self._fit_batch_norm(datamodule)
 

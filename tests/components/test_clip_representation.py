@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import timm
 import torch
@@ -170,13 +172,15 @@ def test_prepare_pretrains_normalises_and_caches(tmp_path, monkeypatch):
     assert len(list((tmp_path / "clip").iterdir())) == 2
 
 
-def test_pretrained_tower_only_fits_the_normalisation(tmp_path, monkeypatch):
+def test_pretrained_tower_only_fits_the_normalisation(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("UNIZOO_CACHE", str(tmp_path / "cache"))
     CLIPRepresentation(clip=TINY).vision.save_pretrained(tmp_path / "vision")
     rep = CLIPRepresentation(pretrained=str(tmp_path / "vision"), normalize=True)
     weights = rep.vision.embeddings.patch_embedding.weight.clone()
+    caplog.set_level(logging.INFO)
     rep.prepare(ShapesDataModule(train_size=128, batch_size=16))
     assert torch.equal(weights, rep.vision.embeddings.patch_embedding.weight)
+    assert f"representation: using the transformers vision tower at {tmp_path / 'vision'}" in caplog.text
     assert not (tmp_path / "cache").exists()  # nothing pretrained
     assert rep.normalize == "scalar" and rep.feature_scale != 1.0  # true: a recipe from before per-channel statistics
     raw = CLIPRepresentation(pretrained=str(tmp_path / "vision"), normalize=False)

@@ -3,6 +3,8 @@ local weights, and what a stage that trains it (REPA-E) reads: its differentiabl
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -85,7 +87,7 @@ def test_pretrained_weights_depend_on_the_cache_key_alone(tmp_path, monkeypatch)
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
-def test_pretrained_directory_loads_through_from_pretrained(tmp_path):
+def test_pretrained_directory_loads_through_from_pretrained(tmp_path, caplog):
     source = VAERepresentation(autoencoder=TINY)
     torch.nn.init.normal_(source.vae.decoder.conv_out.weight)
     source.vae.register_to_config(scaling_factor=0.5, shift_factor=0.1)
@@ -93,7 +95,9 @@ def test_pretrained_directory_loads_through_from_pretrained(tmp_path):
     loaded = VAERepresentation(pretrained=str(tmp_path / "vae"))
     assert torch.equal(loaded.vae.decoder.conv_out.weight, source.vae.decoder.conv_out.weight)
     assert loaded.latent_scale.item() == 0.5 and loaded.latent_shift.item() == pytest.approx(0.1)
-    loaded.prepare(ShapesDataModule(train_size=16))  # a no-op: the weights are already real
+    caplog.set_level(logging.INFO)
+    loaded.prepare(ShapesDataModule(train_size=16))  # the weights are already real: only a log line
+    assert f"representation: using the VAE at {tmp_path / 'vae'} (representation.pretrained)" in caplog.text
 
 
 def test_missing_pretrained_directory_says_how_to_make_one(tmp_path):
