@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package of the repos
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.attention_backends import AttentionConfig, attention_flops  # noqa: E402
+from benchmarks.clip_fidelity import markdown as clip_fidelity_markdown, merged  # noqa: E402
 from benchmarks.convergence import main as convergence_main  # noqa: E402
 from benchmarks.convergence import score_at, steps_to_reach  # noqa: E402
 import benchmarks.measure as measure  # noqa: E402
@@ -922,8 +923,6 @@ def test_convergence_tabulates_steps_speed_ups_and_round_trips(tmp_path):
 
 def test_clip_fidelity_merge_names_each_rows_commit_and_dirty_state():
     """A merged table says which command and commit made each row, and where the tree had uncommitted changes."""
-    from benchmarks.clip_fidelity import markdown, merged
-
     before = json.loads((ROOT / "benchmarks/results/cpu-intel-r-xeon-r-processor-2c/clip_fidelity.json").read_text())
     now = {**before, "command": "python -m benchmarks.clip_fidelity --variants vae --merge",
            "environment": {**before["environment"], "git_commit": "abc1234", "git_dirty": True},
@@ -931,6 +930,6 @@ def test_clip_fidelity_merge_names_each_rows_commit_and_dirty_state():
     result = merged(before, now)
     assert result["made_by"][-1] == {"command": now["command"], "commit": "abc1234", "git_dirty": True, "variants": ["vae"]}
     assert all("vae" not in entry["variants"] for entry in result["made_by"][:-1])
-    text = markdown(result)
+    text = clip_fidelity_markdown(result)
     assert "Rows `vae`: `python -m benchmarks.clip_fidelity --variants vae --merge` at commit abc1234 + uncommitted changes." in text
     assert "at commit 4134dac." in text  # an entry written before the flag existed reads as clean
