@@ -10,11 +10,13 @@
 # gpu_check.json: every step's status and time, and the numbers the GPU lines of the issue ask for
 # (generation images/s, first-run seconds, MFU and the ratio to diffusers at DiT-XL/2).
 #   1. the cuda-marked tests                                                  (60 s)
-#   2. the default `unizoo train` on the GPU from an empty cache, timed       (150 s)
-#   3. the attention backends                                                 (45 s)
-#   4. unizoo vs diffusers' DiT at DiT-S/2, batch 256, bf16, every switch     (75 s)
-#   5. the same at DiT-XL/2                                                   (120 s)
-#   6. the design-space variants at sizes S and XL                            (30 s)
+#   2. the default `unizoo train` on the GPU from an empty cache, timed       (120 s)
+#   3. the default recipe's bare step against the whole Lightning step, and
+#      what the host pays per step (operators, the step on one image)        (40 s)
+#   4. the attention backends                                                 (45 s)
+#   5. unizoo vs diffusers' DiT at DiT-S/2, batch 256, bf16, every switch     (65 s)
+#   6. the same at DiT-XL/2                                                   (120 s)
+#   7. the design-space variants at sizes S and XL                            (30 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,15 +54,17 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 step tests 60 python -m pytest -q -m cuda -p no:cacheprovider
 
 SCRATCH="$(mktemp -d)"  # an empty cache, and a run directory whose checkpoints stay out of the repository
-step first_run 150 env UNIZOO_CACHE="$SCRATCH/cache" unizoo train trainer.accelerator=gpu "run_dir=$SCRATCH/run" progress_interval=10
+step first_run 120 env UNIZOO_CACHE="$SCRATCH/cache" unizoo train trainer.accelerator=gpu "run_dir=$SCRATCH/run" progress_interval=10
 mkdir -p "$LOGS/first_run"
 for kept in metrics.json train.log recipe.yaml samples_generation.png; do
     [ -f "$SCRATCH/run/$kept" ] && cp "$SCRATCH/run/$kept" "$LOGS/first_run/"
 done
 rm -rf "$SCRATCH"
 
+# Whether the generation stage's images/s is bound by the loop, the model's kernels or the host's dispatching.
+step loop 40 python -m benchmarks.run loop --device cuda --loop-steps 300 --out "$OUT_ROOT"
 step attention 45 python -m benchmarks.run attention --device cuda --out "$OUT_ROOT" --repeats 5
-step peer_s 75 python -m benchmarks.run peer --device cuda --peer-parts dit --peer-size S --batch 256 \
+step peer_s 65 python -m benchmarks.run peer --device cuda --peer-parts dit --peer-size S --batch 256 \
     --repeats 5 --warmup 2 --loss-steps 5 --row-time-limit 20 --out "$OUT_ROOT"
 step peer_xl 120 python -m benchmarks.run peer --device cuda --peer-parts dit --peer-size XL --batch 256 \
     --repeats 5 --warmup 2 --loss-steps 5 --row-time-limit 30 --out "$OUT_ROOT"

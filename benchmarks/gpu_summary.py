@@ -50,6 +50,13 @@ def measured(results: Path, step_rows: list[dict]) -> dict:
         values["first_run_overall"] = metrics.get("generation", {}).get("generation", {}).get("overall")
     if first_run and first_run["status"] == "ok":
         values["first_run_s"] = first_run["seconds"]  # the whole command, start-up and pretraining included
+    loop = _read_json(results / "loop.json")
+    if loop and loop.get("rows"):
+        row = loop["rows"][0]
+        values["loop_overhead"] = row.get("overhead")
+        values["loop_bare_images_per_s"] = row.get("bare_images_per_s")
+        values["loop_eager_ceiling_images_per_s"] = row.get("eager_ceiling_images_per_s")
+        values["loop_operators_per_step"] = row.get("operators_per_step")
     peer = _read_json(results / "peer_dit_xl.json")
     if peer and peer.get("best_vs_best"):
         best = peer["best_vs_best"]
@@ -69,6 +76,16 @@ def verdicts(values: dict) -> list[dict]:
     return rows
 
 
+def _loop_line(values: dict) -> str:
+    """Where the default recipe's step goes on this GPU: its loop, its kernels, or the host's dispatching."""
+    if values.get("loop_eager_ceiling_images_per_s") is None:
+        return "- default recipe's step (`loop.md`): missing (its step did not finish)"
+    return (f"- default recipe's step (`loop.md`): bare step {values['loop_bare_images_per_s']:,.0f} images/s, loop overhead "
+            f"{100 * values['loop_overhead']:.1f}%; {values['loop_operators_per_step']} operators per step, so the host's "
+            f"dispatching alone allows at most {values['loop_eager_ceiling_images_per_s']:,.0f} images/s "
+            "(batch / the bare step on one image)")
+
+
 def summary_markdown(step_rows: list[dict], verdict_rows: list[dict], values: dict, machine: str) -> str:
     step_table = _table(["step", "status", "seconds", "limit (s)"],
                         [[r["step"], r["status"], f"{r['seconds']:.1f}", str(r["limit_s"])] for r in step_rows])
@@ -82,11 +99,12 @@ def summary_markdown(step_rows: list[dict], verdict_rows: list[dict], values: di
                           [[r["what"], f"{r['relation']} {r['goal']:g}", shown(r["measured"]),
                             "–" if r["holds"] is None else ("yes" if r["holds"] else "**no**")] for r in verdict_rows])
     extra = [f"- first run's generation score (EMA, 64 prompts): {shown(values.get('first_run_overall'))}",
-             f"- DiT-XL/2 best rows: unizoo `{values.get('xl_unizoo_best')}`, diffusers `{values.get('xl_diffusers_best')}`"]
+             f"- DiT-XL/2 best rows: unizoo `{values.get('xl_unizoo_best')}`, diffusers `{values.get('xl_diffusers_best')}`",
+             _loop_line(values)]
     return "\n\n".join([
         f"### The GPU check on {machine} (`bash benchmarks/gpu_check.sh`)",
         "Every step ran under its own time limit; logs are in `gpu_check/<step>.log`, tables beside this file "
-        "(`attention.md`, `peer_dit.md`, `peer_dit_xl.md`, `variants.md`).",
+        "(`loop.md`, `attention.md`, `peer_dit.md`, `peer_dit_xl.md`, `variants.md`).",
         step_table, target_table, "\n".join(extra),
     ]) + "\n"
 

@@ -16,6 +16,14 @@
 Both start from the same freshly built model (random weights: the work per step is the
 same; nothing is pretrained). Overhead = whole step time / bare step time - 1. Where the
 difference goes is measured apart: drawing a batch through the loader, and one EMA update.
+
+What the host pays per step, whatever the batch, is measured apart too: the operators one
+bare step dispatches (views, which launch nothing, not counted), and the bare step on one
+image of the batch. A step of the whole batch cannot take less than that, so batch / (the
+one-image step) bounds the images/s of the eager step on that machine. The bound is what
+decides where the device computes a step of this small model faster than the host can
+dispatch it (the case on a GPU it is measured for): then only fewer operators or a captured
+graph raise it, not a faster kernel.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from unizoo.config.composition import compose_recipe
 from unizoo.runtime.fabric import loops_on
@@ -86,20 +95,25 @@ def _recipe(cfg: LoopConfig, device: torch.device, steps: int):
     return compose_recipe("default", [f"trainer.accelerator={accelerator}", f"strategy.steps={steps}", *cfg.extra_overrides])
 
 
-def bare_step_ms(model, recipe, device: torch.device, cfg: LoopConfig) -> list[float]:
-    """Seconds (as ms) of each timed bare step: fixed batch, losses, backward, clipping, optimiser."""
+def _fixed_batch(recipe, device: torch.device, items: int | None = None) -> dict:
+    """The loader's first batch on `device` (its first `items` images and captions only, if given)."""
     datamodule = instantiate(recipe.data, _convert_="all")
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
-    batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    if items is not None:
+        batch = {key: value[:items] for key, value in batch.items()}
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def _bare_stepper(model, recipe):
+    """A function running one bare step of `model` on a batch: losses under autocast, backward, clipping, optimiser."""
     optimizer = model.optimizer_factory([p for p in model.parameters() if p.requires_grad])
     dtype = compute_dtype(recipe.trainer.precision)
     clip = recipe.trainer.get("gradient_clip_val")
-    times = []
-    for number in range(cfg.warmup + cfg.bare_steps):
-        synchronize(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    device_type = next(model.parameters()).device.type
+
+    def step(batch: dict) -> None:
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
             losses = model.stage_losses(batch)
             total = sum(model.stage.losses[name] * value for name, value in losses.items())
         optimizer.zero_grad(set_to_none=True)
@@ -107,10 +121,49 @@ def bare_step_ms(model, recipe, device: torch.device, cfg: LoopConfig) -> list[f
         if clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
         optimizer.step()
+
+    return step
+
+
+def bare_step_ms(model, recipe, device: torch.device, cfg: LoopConfig, items: int | None = None) -> list[float]:
+    """Seconds (as ms) of each timed bare step: fixed batch (its first `items` only, if given), losses, backward, clipping, optimiser."""
+    batch = _fixed_batch(recipe, device, items)
+    step = _bare_stepper(model, recipe)
+    times = []
+    for number in range(cfg.warmup + cfg.bare_steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step(batch)
         synchronize(device)
         if number >= cfg.warmup:
             times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+class _OperatorCount(TorchDispatchMode):
+    """Counts the aten operators dispatched inside it; views (a new header on the same storage) apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operators = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.is_view:
+            self.views += 1
+        else:
+            self.operators += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operators_per_step(model, recipe, device: torch.device) -> dict:
+    """Operators one bare step dispatches (forward under autocast, backward, clipping, optimiser), and its views."""
+    batch = _fixed_batch(recipe, device)
+    step = _bare_stepper(model, recipe)
+    step(batch)  # the optimiser's state exists from here on, as in every later step
+    count = _OperatorCount()
+    with count:
+        step(batch)
+    return {"operators_per_step": count.operators, "views_per_step": count.views}
 
 
 def whole_step_ms(model, recipe, device: torch.device, cfg: LoopConfig, run_dir: Path) -> tuple[float, int]:
@@ -156,9 +209,12 @@ def run_loop(cfg: LoopConfig, device: torch.device, peaks: dict, progress=print)
         model.set_stage(stage)
         bare_model = copy.deepcopy(model).to(device).train()
         bare = bare_step_ms(bare_model, recipe, device, cfg)
+        one_image = bare_step_ms(bare_model, recipe, device, cfg, items=1)
         parts = parts_ms(bare_model, recipe, device, cfg)
+        operators = operators_per_step(bare_model, recipe, device)
         del bare_model
-        progress(f"loop: bare step {statistics.median(bare):.1f} ms (median of {len(bare)})")
+        progress(f"loop: bare step {statistics.median(bare):.1f} ms (median of {len(bare)}), "
+                 f"{statistics.median(one_image):.1f} ms on one image; {operators['operators_per_step']} operators per step")
         whole, timed = whole_step_ms(model, recipe, device, cfg, Path(tmp))
         progress(f"loop: whole Lightning step {whole:.1f} ms (mean of {timed})")
     batch = recipe.data.batch_size
@@ -168,6 +224,8 @@ def run_loop(cfg: LoopConfig, device: torch.device, peaks: dict, progress=print)
         "bare_step_ms": bare_ms, "bare_times_ms": bare, "whole_step_ms": whole, "whole_steps_timed": timed,
         "bare_images_per_s": batch / bare_ms * 1e3, "whole_images_per_s": batch / whole * 1e3,
         "overhead": whole / bare_ms - 1, **parts,
+        "one_image_step_ms": statistics.median(one_image), "one_image_times_ms": one_image,
+        "eager_ceiling_images_per_s": batch / statistics.median(one_image) * 1e3, **operators,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     progress(f"loop: overhead {100 * row['overhead']:.1f}% ({row['whole_images_per_s']:.1f} vs {row['bare_images_per_s']:.1f} images/s)")
@@ -194,8 +252,23 @@ def loop_markdown(result: dict, peaks: dict) -> str:
         "Loop overhead: whole / bare - 1. The last two columns are parts of the whole step outside the bare one, "
         "measured apart. Random weights: the work per step is that of a trained model.",
         _table(header, rows),
-        peaks_markdown(peaks),
     ]
+    host_rows = [[
+        r["device"], str(r["operators_per_step"]), str(r["views_per_step"]), _fmt(r["one_image_step_ms"], 1),
+        _fmt(r["bare_step_ms"], 1), _fmt(r["eager_ceiling_images_per_s"], 0), _fmt(r["bare_images_per_s"], 1),
+    ] for r in result["rows"] if "operators_per_step" in r]  # results written before these were measured lack them
+    if host_rows:
+        parts += [
+            "What the host pays per step, whatever the batch: the operators one bare step dispatches (views, which "
+            "launch nothing, apart), and the same bare step on the batch's first image only. A step of the whole batch "
+            "cannot take less than the one-image step, so batch / one-image step bounds the images/s of this eager "
+            "step on this machine. Where the bare step is close to the one-image step, the host's dispatching, not the "
+            "arithmetic, is the step's cost.",
+            _table(["device", "operators per step", "views per step", "bare step, one image (ms)",
+                    "bare step, batch (ms)", "eager ceiling: batch / one-image step (images/s)", "bare images/s"],
+                   host_rows),
+        ]
+    parts.append(peaks_markdown(peaks))
     return "\n\n".join(parts)
 
 

@@ -27,6 +27,7 @@ from benchmarks.attention_backends import AttentionConfig, attention_flops  # no
 from benchmarks.clip_fidelity import markdown as clip_fidelity_markdown, merged  # noqa: E402
 from benchmarks.convergence import main as convergence_main  # noqa: E402
 from benchmarks.convergence import score_at, steps_to_reach  # noqa: E402
+from benchmarks.loop import _OperatorCount  # noqa: E402
 import benchmarks.measure as measure  # noqa: E402
 from benchmarks.measure import PeakMemory, count_flops, memory_method, time_call  # noqa: E402
 from benchmarks.peer_dit import REFERENCE, VARIANTS, Variant, measure_variant, switch_variants  # noqa: E402
@@ -203,9 +204,26 @@ def test_the_loop_benchmark_times_both_steps_and_its_log_reads_like_a_run_s(quic
     assert row["bare_step_ms"] > 0 and row["whole_step_ms"] > 0 and row["loader_ms"] > 0 and row["ema_update_ms"] > 0
     assert row["overhead"] == pytest.approx(row["whole_step_ms"] / row["bare_step_ms"] - 1)
     assert row["whole_images_per_s"] == pytest.approx(row["batch"] * 1e3 / row["whole_step_ms"])
+    # What the host pays per step: the one-image step is timed as often as the batch's, and bounds its images/s.
+    assert len(row["one_image_times_ms"]) == len(row["bare_times_ms"]) and row["one_image_step_ms"] > 0
+    assert row["eager_ceiling_images_per_s"] == pytest.approx(row["batch"] * 1e3 / row["one_image_step_ms"])
+    assert row["operators_per_step"] > 100 and row["views_per_step"] > 0  # a DiT, an LM and a VAE encoder, forward and back
     # What `unizoo train` filters, the benchmark's log does not carry either.
     for chatter in ("Tip", "litlogger", "LeafSpec", "in eval mode"):
         assert chatter not in quick_run["stderr"], chatter
+
+
+def test_the_operator_count_counts_kernels_and_views_apart():
+    a, b = torch.randn(4, 3, requires_grad=True), torch.randn(3, 5)
+    forward = _OperatorCount()
+    with forward:
+        product = torch.mm(a, b).t()  # one matrix product, one transpose: a new header on the same storage
+    assert (forward.operators, forward.views) == (1, 1)
+    backward = _OperatorCount()
+    with backward:
+        product.sum().backward()  # the sum, the seed gradient, and the product's own backward (a matrix product)
+    assert backward.operators >= 3 and backward.views >= 1
+    assert a.grad is not None  # counting changes nothing: the step still runs
 
 
 def test_results_land_in_a_machine_folder(quick_run):
