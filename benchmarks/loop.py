@@ -95,14 +95,17 @@ def _recipe(cfg: LoopConfig, device: torch.device, steps: int):
     return compose_recipe("default", [f"trainer.accelerator={accelerator}", f"strategy.steps={steps}", *cfg.extra_overrides])
 
 
-def _fixed_batch(recipe, device: torch.device, items: int | None = None) -> dict:
-    """The loader's first batch on `device` (its first `items` images and captions only, if given)."""
+def fixed_batch(recipe, device: torch.device) -> dict:
+    """The training loader's first batch, on `device`: what every bare step runs on."""
     datamodule = instantiate(recipe.data, _convert_="all")
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
-    if items is not None:
-        batch = {key: value[:items] for key, value in batch.items()}
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def first_items(batch: dict, items: int) -> dict:
+    """The first `items` images of `batch`, with their captions."""
+    return {key: value[:items] for key, value in batch.items()}
 
 
 def _bare_stepper(model, recipe):
@@ -125,9 +128,8 @@ def _bare_stepper(model, recipe):
     return step
 
 
-def bare_step_ms(model, recipe, device: torch.device, cfg: LoopConfig, items: int | None = None) -> list[float]:
-    """Seconds (as ms) of each timed bare step: fixed batch (its first `items` only, if given), losses, backward, clipping, optimiser."""
-    batch = _fixed_batch(recipe, device, items)
+def bare_step_ms(model, recipe, batch: dict, device: torch.device, cfg: LoopConfig) -> list[float]:
+    """Seconds (as ms) of each timed bare step on `batch`: losses, backward, clipping, optimiser."""
     step = _bare_stepper(model, recipe)
     times = []
     for number in range(cfg.warmup + cfg.bare_steps):
@@ -155,9 +157,8 @@ class _OperatorCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def operators_per_step(model, recipe, device: torch.device) -> dict:
-    """Operators one bare step dispatches (forward under autocast, backward, clipping, optimiser), and its views."""
-    batch = _fixed_batch(recipe, device)
+def operators_per_step(model, recipe, batch: dict) -> dict:
+    """Operators one bare step on `batch` dispatches (forward under autocast, backward, clipping, optimiser), and its views."""
     step = _bare_stepper(model, recipe)
     step(batch)  # the optimiser's state exists from here on, as in every later step
     count = _OperatorCount()
@@ -208,10 +209,11 @@ def run_loop(cfg: LoopConfig, device: torch.device, peaks: dict, progress=print)
         (stage,) = instantiate(recipe.strategy).stages
         model.set_stage(stage)
         bare_model = copy.deepcopy(model).to(device).train()
-        bare = bare_step_ms(bare_model, recipe, device, cfg)
-        one_image = bare_step_ms(bare_model, recipe, device, cfg, items=1)
+        images = fixed_batch(recipe, device)
+        bare = bare_step_ms(bare_model, recipe, images, device, cfg)
+        one_image = bare_step_ms(bare_model, recipe, first_items(images, 1), device, cfg)
         parts = parts_ms(bare_model, recipe, device, cfg)
-        operators = operators_per_step(bare_model, recipe, device)
+        operators = operators_per_step(bare_model, recipe, images)
         del bare_model
         progress(f"loop: bare step {statistics.median(bare):.1f} ms (median of {len(bare)}), "
                  f"{statistics.median(one_image):.1f} ms on one image; {operators['operators_per_step']} operators per step")
