@@ -62,6 +62,9 @@ done
 rm -rf "$SCRATCH"
 
 # Whether the generation stage's images/s is bound by the loop, the model's kernels or the host's dispatching.
+# 300 whole steps, not the benchmark's 500, to fit its limit: the window then holds none of the recipe's
+# checkpoints or validations (every 500 steps), so its overhead is the per-step loop's alone, a little below
+# what the CPU tables (500 steps, one of each) include.
 step loop 40 python -m benchmarks.run loop --device cuda --loop-steps 300 --out "$OUT_ROOT"
 step attention 45 python -m benchmarks.run attention --device cuda --out "$OUT_ROOT" --repeats 5
 step peer_s 65 python -m benchmarks.run peer --device cuda --peer-parts dit --peer-size S --batch 256 \
