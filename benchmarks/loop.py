@@ -215,19 +215,19 @@ def run_loop(cfg: LoopConfig, device: torch.device, peaks: dict, progress=print)
         parts = parts_ms(bare_model, recipe, device, cfg)
         operators = operators_per_step(bare_model, recipe, images)
         del bare_model
-        progress(f"loop: bare step {statistics.median(bare):.1f} ms (median of {len(bare)}), "
-                 f"{statistics.median(one_image):.1f} ms on one image; {operators['operators_per_step']} operators per step")
+        bare_ms, one_image_ms = statistics.median(bare), statistics.median(one_image)
+        progress(f"loop: bare step {bare_ms:.1f} ms (median of {len(bare)}), "
+                 f"{one_image_ms:.1f} ms on one image; {operators['operators_per_step']} operators per step")
         whole, timed = whole_step_ms(model, recipe, device, cfg, Path(tmp))
         progress(f"loop: whole Lightning step {whole:.1f} ms (mean of {timed})")
     batch = recipe.data.batch_size
-    bare_ms = statistics.median(bare)
     row = {
         "recipe": "default", "batch": batch, "precision": str(recipe.trainer.precision), "device": str(device),
         "bare_step_ms": bare_ms, "bare_times_ms": bare, "whole_step_ms": whole, "whole_steps_timed": timed,
         "bare_images_per_s": batch / bare_ms * 1e3, "whole_images_per_s": batch / whole * 1e3,
         "overhead": whole / bare_ms - 1, **parts,
-        "one_image_step_ms": statistics.median(one_image), "one_image_times_ms": one_image,
-        "eager_ceiling_images_per_s": batch / statistics.median(one_image) * 1e3, **operators,
+        "one_image_step_ms": one_image_ms, "one_image_times_ms": one_image,
+        "eager_ceiling_images_per_s": batch / one_image_ms * 1e3, **operators,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     progress(f"loop: overhead {100 * row['overhead']:.1f}% ({row['whole_images_per_s']:.1f} vs {row['bare_images_per_s']:.1f} images/s)")
