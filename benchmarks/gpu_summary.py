@@ -45,7 +45,10 @@ def measured(results: Path, step_rows: list[dict]) -> dict:
     metrics = _read_json(results / "gpu_check" / "first_run" / "metrics.json")
     first_run = next((row for row in step_rows if row["step"] == "first_run"), None)
     if metrics:
-        values["generation_images_per_s"] = metrics.get("training", {}).get("generation", {}).get("images_per_s")
+        generation = metrics.get("training", {}).get("generation", {})
+        values["generation_images_per_s"] = generation.get("images_per_s")  # the stage's wall clock, compiling included
+        values["generation_compile_s"] = generation.get("compile_seconds")  # absent where the generator ran eager
+        values["generation_images_per_s_after_compile"] = generation.get("images_per_s_after_compile")
         values["first_run_train_seconds_total"] = metrics.get("seconds_total")
         values["first_run_overall"] = metrics.get("generation", {}).get("generation", {}).get("overall")
     if first_run and first_run["status"] == "ok":
@@ -57,6 +60,7 @@ def measured(results: Path, step_rows: list[dict]) -> dict:
         values["loop_bare_images_per_s"] = row.get("bare_images_per_s")
         values["loop_eager_ceiling_images_per_s"] = row.get("eager_ceiling_images_per_s")
         values["loop_operators_per_step"] = row.get("operators_per_step")
+        values["loop_generator_compiled"] = row.get("generator_compiled")
     peer = _read_json(results / "peer_dit_xl.json")
     if peer and peer.get("best_vs_best"):
         best = peer["best_vs_best"]
@@ -80,10 +84,20 @@ def _loop_line(values: dict) -> str:
     """Where the default recipe's step goes on this GPU: its loop, its kernels, or the host's dispatching."""
     if values.get("loop_eager_ceiling_images_per_s") is None:
         return "- default recipe's step (`loop.md`): missing (its step did not finish)"
-    return (f"- default recipe's step (`loop.md`): bare step {values['loop_bare_images_per_s']:,.0f} images/s, loop overhead "
-            f"{100 * values['loop_overhead']:.1f}%; {values['loop_operators_per_step']} operators per step, so the host's "
-            f"dispatching alone allows at most {values['loop_eager_ceiling_images_per_s']:,.0f} images/s "
-            "(batch / the bare step on one image)")
+    generator = "compiled" if values.get("loop_generator_compiled") else "eager"
+    return (f"- default recipe's step (`loop.md`, the generator {generator}): bare step "
+            f"{values['loop_bare_images_per_s']:,.0f} images/s, loop overhead {100 * values['loop_overhead']:.1f}%; "
+            f"{values['loop_operators_per_step']} operators per eager step; the step on one image allows at most "
+            f"{values['loop_eager_ceiling_images_per_s']:,.0f} images/s (batch / the bare step on one image)")
+
+
+def _compile_line(values: dict) -> str:
+    """Whether the first run's generator was compiled, and its stage's rate with and without the compilation."""
+    if values.get("generation_compile_s") is None:
+        return "- first run's generator: eager (no compile time in its metrics.json)"
+    return (f"- first run's generator: compiled in {values['generation_compile_s']:.1f} s, inside its stage's "
+            f"{values['generation_images_per_s']:,.0f} images/s; {values['generation_images_per_s_after_compile']:,.0f} "
+            "images/s without it")
 
 
 def summary_markdown(step_rows: list[dict], verdict_rows: list[dict], values: dict, machine: str) -> str:
@@ -99,6 +113,7 @@ def summary_markdown(step_rows: list[dict], verdict_rows: list[dict], values: di
                           [[r["what"], f"{r['relation']} {r['goal']:g}", shown(r["measured"]),
                             "–" if r["holds"] is None else ("yes" if r["holds"] else "**no**")] for r in verdict_rows])
     extra = [f"- first run's generation score (EMA, 64 prompts): {shown(values.get('first_run_overall'))}",
+             _compile_line(values),
              f"- DiT-XL/2 best rows: unizoo `{values.get('xl_unizoo_best')}`, diffusers `{values.get('xl_diffusers_best')}`",
              _loop_line(values)]
     return "\n\n".join([

@@ -95,12 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--targets-batch", type=int, default=None, help="images per step (default 64, the default recipe's; --quick: 4)")
     group = parser.add_argument_group("loop (the default recipe's bare step against the whole Lightning step)")
     group.add_argument("--loop-steps", type=int, default=None, help="timed steps of the whole loop (default 500)")
+    group.add_argument("--loop-override", action="append", default=[], metavar="KEY=VALUE",
+                       help="a recipe override for both steps, e.g. compile=false (repeatable)")
     return parser
 
 
 def _loop_config(args) -> LoopConfig:
     cfg = LoopConfig.quick() if args.quick else LoopConfig()
     overrides = {"steps": args.loop_steps, "warmup": args.warmup, "bare_steps": args.repeats}
+    if args.loop_override:
+        overrides["extra_overrides"] = (*cfg.extra_overrides, *args.loop_override)
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 

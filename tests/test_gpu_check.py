@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -42,11 +43,12 @@ def _results(tmp_path: Path, first_run_status: str = "ok") -> Path:
         "peer_xl\ttimed out\t120000\t120\n"
         "variants\tfailed (exit 1)\t9000\t30\n"
     )
-    metrics = {"seconds_total": 80.1, "training": {"generation": {"images_per_s": 12500.0}},
+    metrics = {"seconds_total": 80.1, "training": {"generation": {"images_per_s": 12500.0, "compile_seconds": 12.0,
+                                                                  "images_per_s_after_compile": 38000.0}},
                "generation": {"generation": {"overall": 0.55}}}
     (results / "gpu_check" / "first_run" / "metrics.json").write_text(json.dumps(metrics))
     loop = {"rows": [{"overhead": 0.052, "bare_images_per_s": 9100.0, "eager_ceiling_images_per_s": 9800.0,
-                      "operators_per_step": 1367}]}
+                      "operators_per_step": 1367, "generator_compiled": False}]}
     (results / "loop.json").write_text(json.dumps(loop))
     return results
 
@@ -62,9 +64,12 @@ def test_the_summary_holds_each_measured_target_and_reports_missing_ones(tmp_pat
     assert targets["xl_mfu"]["measured"] is None and targets["xl_mfu"]["holds"] is None  # its step timed out
     markdown = (results / "gpu_check.md").read_text()
     assert "| peer_xl | timed out | 120.0 | 120 |" in markdown
+    assert ("- first run's generator: compiled in 12.0 s, inside its stage's 12,500 images/s; 38,000 images/s "
+            "without it") in markdown
     assert "| unizoo at DiT-XL/2, batch 256, bf16: MFU of the measured matmul peak | >= 0.4 | missing (its step did not finish) | – |" in markdown
-    assert ("- default recipe's step (`loop.md`): bare step 9,100 images/s, loop overhead 5.2%; 1367 operators per step, "
-            "so the host's dispatching alone allows at most 9,800 images/s (batch / the bare step on one image)") in markdown
+    assert ("- default recipe's step (`loop.md`, the generator eager): bare step 9,100 images/s, loop overhead 5.2%; "
+            "1367 operators per eager step; the step on one image allows at most 9,800 images/s (batch / the bare step "
+            "on one image)") in markdown
     (results / "loop.json").unlink()  # the loop step did not finish
     assert gpu_summary.main([str(results)]) == 0
     assert "- default recipe's step (`loop.md`): missing (its step did not finish)" in (results / "gpu_check.md").read_text()
@@ -79,3 +84,26 @@ def test_a_first_run_that_failed_has_no_time(tmp_path):
         "ratio": 1.25}}))
     verdicts = {v["target"]: v["holds"] for v in gpu_summary.verdicts(gpu_summary.measured(results, gpu_summary.steps(results)))}
     assert verdicts == {"generation_images_per_s": True, "first_run_s": None, "xl_mfu": False, "xl_ratio": True}
+
+
+def _benchmark_commands() -> list[list[str]]:
+    """The arguments of every `python -m benchmarks.run` step of gpu_check.sh, with `$OUT_ROOT` filled in."""
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    commands = []
+    for line in script.splitlines():
+        words = shlex.split(line.replace('"$OUT_ROOT"', "results"), comments=True)
+        if words[:1] == ["step"] and words[3:6] == ["python", "-m", "benchmarks.run"]:
+            commands.append(words[6:])
+    return commands
+
+
+def test_every_benchmark_step_of_the_check_parses_and_the_loop_runs_eager():
+    # A flag the benchmark does not know would only fail on the GPU machine, one step lost there.
+    from benchmarks.run import _loop_config, build_parser
+
+    commands = _benchmark_commands()
+    assert [c[0] for c in commands] == ["loop", "attention", "peer", "peer", "variants"]
+    parser = build_parser()
+    parsed = [parser.parse_args(arguments) for arguments in commands]
+    loop = _loop_config(parsed[0])
+    assert loop.steps == 300 and loop.extra_overrides == ("compile=false",)

@@ -4,7 +4,8 @@ As `diffusers-cli env` and `python -m xformers.info` do for their projects: the 
 matter (torch with its CUDA build, Lightning, diffusers, transformers, xformers and whether
 xformers' kernels load), every device with its bf16 support, and what the default recipe
 resolves to here: the trainer's device and precision, and the attention kernel `auto` takes
-for the default DiT, with the reason (the same probe a run makes).
+for the default DiT, with the reason (the same probe a run makes), and whether the generator
+trains compiled (`compile`).
 """
 
 from __future__ import annotations
@@ -79,13 +80,14 @@ def device_lines() -> list[str]:
 
 
 def default_choices() -> list[str]:
-    """What the default recipe resolves to here: the trainer's device and precision, and the DiT's attention kernel."""
+    """What the default recipe resolves to here: the trainer's device and precision, the DiT's attention kernel, compile."""
     from hydra.utils import instantiate  # noqa: PLC0415
 
     from unizoo.components.generators.attention import auto_backend  # noqa: PLC0415
     from unizoo.components.generators.dit import DIT_SIZES  # noqa: PLC0415
     from unizoo.config.composition import compose_recipe  # noqa: PLC0415
     from unizoo.runtime.accelerator import describe_accelerator  # noqa: PLC0415
+    from unizoo.runtime.compilation import resolve_compile  # noqa: PLC0415
     from unizoo.runtime.fabric import loop_device  # noqa: PLC0415
     from unizoo.runtime.precision import compute_dtype  # noqa: PLC0415
 
@@ -99,6 +101,9 @@ def default_choices() -> list[str]:
     chosen, reason = auto_backend(device, dtype, tokens, tokens, head_dim)
     where = f"{tokens} tokens, head dim {head_dim}, {str(dtype).removeprefix('torch.')} on {device}"
     lines.append(f"attention for the default DiT ({where}): auto -> {chosen}" + (f" ({reason})" if reason else " (its first choice)"))
+    compiled, why = resolve_compile(recipe.compile, device)
+    lines.append(f"the generator while a stage trains it: compile {str(recipe.compile).lower()} -> "
+                 f"{'compiled' if compiled else 'eager'} ({why})")
     return lines
 
 

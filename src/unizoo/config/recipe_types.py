@@ -89,6 +89,7 @@ class RecipeSettings(TypedDict, total=False):
     seed: int
     run_root: str
     progress_interval: Annotated[float, "seconds"]
+    compile: bool | Literal["auto"]
     warmup_steps: int
     start_stage: str | None
     init_checkpoint: str | None

@@ -24,6 +24,7 @@ from unizoo.eval.sample_statistics import headline_space, sample_statistics
 from unizoo.eval.search_evaluation import search_evaluation
 from unizoo.model import UnifiedModel
 from unizoo.runtime.accelerator import check_trainer_settings, describe_accelerator, use_tensor_cores
+from unizoo.runtime.compilation import compile_seconds
 from unizoo.runtime.fabric import loops_on, on_loop_device
 from unizoo.runtime.library_chatter import quiet_library_chatter
 from unizoo.runtime.precision import describe_precision
@@ -163,7 +164,7 @@ def _train(recipe: DictConfig, run_dir: Path | None, resume: bool) -> Path:
                     metrics.setdefault("seconds", {})[stage.name] = round(time.perf_counter() - stage_started, 1)
                 if part.train and part.resume_from is None:  # a resumed stage's speed would mix two processes' steps
                     metrics.setdefault("training", {})[stage.name] = stage_throughput(
-                        model, trainer, recipe.data.batch_size, trained_steps, training_seconds
+                        model, trainer, recipe.data.batch_size, trained_steps, training_seconds, compile_seconds(trainer)
                     )
                 if part.train and stage.until_flat is not None:
                     scores = [*stage_scores(curve.points, stage.name, score), metrics[stage.name]["generation"][score]]
