@@ -15,8 +15,9 @@
 
 Both start from the same freshly built model (random weights: the work per step is the
 same; nothing is pretrained), and both run the generator as the recipe's `compile` says
-(compiled on CUDA by default; `--loop-override compile=false` measures it eager). Overhead = whole step time / bare step time - 1. Where the
-difference goes is measured apart: drawing a batch through the loader, and one EMA update.
+(compiled on CUDA by default; `--loop-override compile=false` measures it eager). Overhead =
+whole step time / bare step time - 1. Where the difference goes is measured apart: drawing a
+batch through the loader, and one EMA update.
 
 What the host pays per step, whatever the batch, is measured apart too: the operators one
 bare step dispatches (views, which launch nothing, not counted), and the bare step on one
@@ -39,9 +40,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from unizoo.config.composition import compose_recipe
 from unizoo.runtime import compilation
@@ -254,8 +254,8 @@ def loop_markdown(result: dict, peaks: dict) -> str:
         _fmt(r["bare_images_per_s"], 1), _fmt(r["whole_images_per_s"], 1), _fmt(r["overhead"], percent=True),
         _fmt(r["loader_ms"], 2), _fmt(r["ema_update_ms"], 2),
     ] for r in result["rows"]]
-    header = ["device", "precision", "generator (`compile`)", "batch", "bare step (ms)", "whole step (ms)", "bare images/s", "whole images/s",
-              "loop overhead", "loader: one batch (ms)", "EMA: one update (ms)"]
+    header = ["device", "precision", "generator (`compile`)", "batch", "bare step (ms)", "whole step (ms)",
+              "bare images/s", "whole images/s", "loop overhead", "loader: one batch (ms)", "EMA: one update (ms)"]
     parts = [
         f"### The training loop's cost: {cfg['label']}",
         "Bare step: one fixed batch on the device, the stage's losses under the trainer's precision, backward, "
@@ -280,7 +280,7 @@ def loop_markdown(result: dict, peaks: dict) -> str:
             "arithmetic, is the step's cost. The operators are those of the eager step even where the generator is "
             "compiled: under a dispatch counter, torch.compile's code runs eager.",
             _table(["device", "operators per step", "views per step", "bare step, one image (ms)",
-                    "bare step, batch (ms)", "eager ceiling: batch / one-image step (images/s)", "bare images/s"],
+                    "bare step, batch (ms)", "ceiling: batch / one-image step (images/s)", "bare images/s"],
                    host_rows),
         ]
     parts.append(peaks_markdown(peaks))

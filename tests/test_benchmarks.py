@@ -200,6 +200,7 @@ def test_results_say_whether_the_tree_had_uncommitted_changes(tmp_path, monkeypa
 def test_the_loop_benchmark_times_both_steps_and_its_log_reads_like_a_run_s(quick_run):
     (row,) = quick_run["loop"]["rows"]
     assert row["recipe"] == "default" and row["device"] == "cpu"
+    assert row["generator_compiled"] is False  # `compile: auto` on the CPU, as the stage's trainer runs it
     assert len(row["bare_times_ms"]) == quick_run["loop"]["config"]["bare_steps"]
     assert row["bare_step_ms"] > 0 and row["whole_step_ms"] > 0 and row["loader_ms"] > 0 and row["ema_update_ms"] > 0
     assert row["overhead"] == pytest.approx(row["whole_step_ms"] / row["bare_step_ms"] - 1)
