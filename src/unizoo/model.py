@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from unizoo.components.conditioning.queries import QueryConditioning
 from unizoo.components.alignments.none import NoAlignment
 from unizoo.components.strategies.stages import Stage
+from unizoo.data.target_memo import TargetMemo
 from unizoo.runtime.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,9 @@ class UnifiedModel(L.LightningModule):
         # The training step's own random stream (noise, noise levels, condition dropout), set per step
         # by the run's seeding callback (unizoo.training.step_seeds); None: the global generator.
         self.step_rng: torch.Generator | None = None
+        # The frozen representation's tokens of each training item after their first encoding
+        # (unizoo.data.target_memo): emptied at every stage, filled only while the representation is frozen.
+        self.target_memo = TargetMemo()
 
     # ------------------------------------------------------------------ stages
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -159,6 +163,7 @@ class UnifiedModel(L.LightningModule):
         for name, params in groups.items():
             for param in params:
                 param.requires_grad_(name in stage.trainable)
+        self.target_memo.reset(enabled=not any(p.requires_grad for p in self.representation.parameters()))
         self.stage = stage
 
     def loss_functions(self) -> dict[str, Callable[[Batch], Terms]]:
@@ -182,7 +187,7 @@ class UnifiedModel(L.LightningModule):
         # A batch from a target cache (`targets=DIR`, unizoo.data.with_targets) carries the tokens
         # encode() would return, extracted once for every representation alike; a present-key check,
         # not a branch on the representation.
-        targets = batch["target"] if "target" in batch else self.representation.encode(batch["image"])
+        targets = batch["target"] if "target" in batch else self.target_memo.tokens(batch, self.representation.encode)
         condition = self.conditioning(self.backbone, batch["caption"])
         with self.alignment.capture(self.generator) as hidden:
             # Detached: the objective's loss never trains the representation (REPA-E's stop-gradient,

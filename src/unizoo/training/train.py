@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from unizoo.config.recipe_types import check_recipe_types
 from unizoo.data.skip_report import SkippedSamplesLog, skipped_samples
+from unizoo.data.target_memo import index_training_items
 from unizoo.data.with_targets import attach_cached_targets
 from unizoo.eval.chance import CHANCE_IMAGES, chance_levels, format_scores
 from unizoo.eval.evaluation import CaptionEvaluation, RoundTripEvaluation, SampleEvaluation, first_items
@@ -77,7 +78,8 @@ def _train(recipe: DictConfig, run_dir: Path | None, resume: bool) -> Path:
     check_stage_settings(recipe, stages)  # also: no target cache where a stage trains the representation
     check_until_flat(stages, recipe.evaluation.get("every_n_steps"))  # a stage that trains until flat needs its curve
     headline_space(recipe, datamodule)  # evaluation.features=shapes_classifier on data without scene labels: refused now
-    attach_cached_targets(datamodule, recipe)  # targets=DIR: batches carry pre-extracted targets (checked here)
+    if attach_cached_targets(datamodule, recipe) is None:  # targets=DIR: batches carry pre-extracted targets (checked here)
+        index_training_items(datamodule)  # else a frozen representation's tokens are kept after their first encoding
     make_logger = logger_factory(recipe)  # recipes/logger/: a missing package is named before anything trains
 
     # Launched as several processes, every one trains but only the primary writes (unizoo.training.launch).
@@ -149,6 +151,8 @@ def _train(recipe: DictConfig, run_dir: Path | None, resume: bool) -> Path:
                 curve.start_stage(stage.name)
                 trainer.fit(fitted, datamodule=datamodule, ckpt_path=part.resume_from)
                 trained_steps = trainer.global_step  # the stage's steps, or fewer where it stopped flat
+                if memo := fitted.target_memo.summary():
+                    log.info("%s", memo)
                 training_seconds = curve.finish_stage(trained_steps)
                 # The whole state (optimiser, loops, callbacks), as the periodic checkpoints hold; said, not defaulted,
                 # which Lightning would log as "`weights_only` was not set".
