@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 INDEX = "index"  # the batch key of the items' indices in the training split (a list of ints, on the host)
-MAX_BYTES = 2 * 1024**3  # tokens kept at most: 2 GiB (the default recipe's 50,000 items take 51 MB)
+MAX_BYTES = 2 * 1024**3  # tokens kept at most: 2 GiB (the default recipe's 50,000 items take 26 MB in bf16)
 
 
 class IndexedDataset(Dataset):
