@@ -21,12 +21,15 @@ posterior mean, not a sample). They are also the same whatever else is in the ba
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sized
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import Dataset
+
+from unizoo.data.with_targets import TrainSplitWrapped, indexable_train_set
+from unizoo.errors import RecipeError
 
 INDEX = "index"  # the batch key of the items' indices in the training split (a list of ints, on the host)
 MAX_BYTES = 2 * 1024**3  # tokens kept at most: 2 GiB (the default recipe's 50,000 items take 26 MB in bf16)
@@ -51,31 +54,15 @@ class IndexedDataset(Dataset):
         return [None if item is None else {**item, INDEX: int(i)} for item, i in zip(items, indices, strict=True)]
 
 
-class _TrainSplitIndexed:
-    """Stands in for a data module's `dataset` method: the train split indexed, other splits as they were.
-
-    A picklable object rather than a closure: spawned DDP workers receive the data module pickled.
-    """
-
-    def __init__(self, datamodule: L.LightningDataModule) -> None:
-        self.datamodule = datamodule
-
-    def __call__(self, split: str) -> Dataset:
-        base = type(self.datamodule).dataset(self.datamodule, split)
-        return IndexedDataset(base) if split == "train" else base
-
-
 def index_training_items(datamodule: L.LightningDataModule) -> bool:
     """Make `datamodule`'s training batches carry their items' indices, where it can; whether it did."""
     try:
-        train = type(datamodule).dataset(datamodule, "train")
-    except (AttributeError, KeyError, NotImplementedError, ValueError):
+        indexable_train_set(datamodule, "target memo")
+    except RecipeError:
         return False  # no map-style training set (webdataset): batches are encoded as they come
-    if not isinstance(train, Sized) or not hasattr(train, "__getitem__"):
-        return False
     if type(datamodule).on_before_batch_transfer is not L.LightningDataModule.on_before_batch_transfer:
         return False  # the data module's own hook: left as it is
-    datamodule.dataset = _TrainSplitIndexed(datamodule)
+    datamodule.dataset = TrainSplitWrapped(datamodule, IndexedDataset)
     if not isinstance(datamodule.train_dataloader().dataset, IndexedDataset):
         del datamodule.dataset  # a data module that builds its loader some other way keeps it
         return False

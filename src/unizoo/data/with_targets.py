@@ -13,7 +13,8 @@ data set (the agreed data-module interface: shapes, folder); a streamed training
 
 from __future__ import annotations
 
-from collections.abc import Sized
+from collections.abc import Callable, Sized
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -39,19 +40,19 @@ class TargetsDataset(Dataset):
         return None if item is None else {**item, "target": self.targets[index]}
 
 
-class _TrainSplitWithTargets:
-    """Stands in for a data module's `dataset` method: the train split wrapped, other splits as they were.
+class TrainSplitWrapped:
+    """Stands in for a data module's `dataset` method: the train split through `wrap`, other splits as they were.
 
-    A picklable object rather than a closure: spawned DDP workers (trainer=ddp_cpu) receive the
-    data module pickled.
+    A picklable object rather than a closure (with `wrap` a class or a partial of one): spawned
+    DDP workers (trainer=ddp_cpu) receive the data module pickled.
     """
 
-    def __init__(self, datamodule: L.LightningDataModule, targets: TargetShards) -> None:
-        self.datamodule, self.targets = datamodule, targets
+    def __init__(self, datamodule: L.LightningDataModule, wrap: Callable[[Dataset], Dataset]) -> None:
+        self.datamodule, self.wrap = datamodule, wrap
 
     def __call__(self, split: str) -> Dataset:
         base = type(self.datamodule).dataset(self.datamodule, split)
-        return TargetsDataset(base, self.targets) if split == "train" else base
+        return self.wrap(base) if split == "train" else base
 
 
 def indexable_train_set(datamodule: L.LightningDataModule, what: str) -> Dataset:
@@ -82,7 +83,7 @@ def attach_cached_targets(datamodule: L.LightningDataModule, recipe: DictConfig)
     train = indexable_train_set(datamodule, f"targets={directory}")
     if len(train) != len(targets):
         raise RecipeError(f"targets={directory}: the cache holds {len(targets)} items, the training set {len(train)}")
-    datamodule.dataset = _TrainSplitWithTargets(datamodule, targets)
+    datamodule.dataset = TrainSplitWrapped(datamodule, partial(TargetsDataset, targets=targets))
     loader = datamodule.train_dataloader()
     if not isinstance(loader.dataset, TargetsDataset):
         del datamodule.dataset
