@@ -21,6 +21,7 @@ from conftest import TINY_OVERRIDES
 from unizoo.config.composition import compose_recipe
 from unizoo.data.datamodule import ShapesDataModule
 from unizoo.data.target_memo import INDEX, IndexedDataset, TargetMemo, index_training_items
+from unizoo.eval.shapes_classifier import has_scene_labels
 from unizoo.training.build import build_model
 from unizoo.training.train import train
 
@@ -102,6 +103,9 @@ def test_training_batches_carry_their_items_indices_on_the_host_and_validation_b
     for image, index in zip(batch["image"], batch[INDEX], strict=True):  # each image is its index's item
         torch.testing.assert_close(image, base[index]["image"], rtol=0, atol=0)
     assert INDEX not in next(iter(datamodule.val_dataloader()))
+    # What the split holds besides its items is still there: the scene labels behind each image, from which the
+    # shapes classifier learns and by which `evaluation.features: auto` picks it.
+    assert train_set.scene(5) == base.scene(5) and has_scene_labels(datamodule)
 
 
 class _StreamedData(L.LightningDataModule):

@@ -26,23 +26,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset
-
-from unizoo.data.with_targets import TrainSplitWrapped, indexable_train_set
+from unizoo.data.with_targets import DatasetView, TrainSplitWrapped, indexable_train_set
 from unizoo.errors import RecipeError
 
 INDEX = "index"  # the batch key of the items' indices in the training split (a list of ints, on the host)
 MAX_BYTES = 2 * 1024**3  # tokens kept at most: 2 GiB (the default recipe's 50,000 items take 26 MB in bf16)
 
 
-class IndexedDataset(Dataset):
+class IndexedDataset(DatasetView):
     """`base[i]` plus `"index": i`, so that a batch names the items it holds."""
-
-    def __init__(self, base: Dataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self.base[index]

@@ -25,14 +25,35 @@ from unizoo.data.target_shards import TargetShards, check_signature, targets_sig
 from unizoo.errors import RecipeError
 
 
-class TargetsDataset(Dataset):
-    """`base[i]` plus `"target"`: item i's cached representation tokens."""
+class DatasetView(Dataset):
+    """Another data set's items with something added; what the view does not define is the base's.
 
-    def __init__(self, base: Dataset, targets: TargetShards) -> None:
-        self.base, self.targets = base, targets
+    The training split is read for more than its items (the shapes data's `scene(i)`, which
+    the shapes classifier learns from and which decides `evaluation.features: auto`), so a
+    view must not hide it. Dunder names are not passed on: the loader asks
+    `hasattr(dataset, "__getitems__")`, and the base's would return items without what the
+    view adds.
+    """
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
 
     def __len__(self) -> int:
         return len(self.base)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for what the view lacks; `base` itself is missing while a pickled view is restored.
+        if name == "base" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+class TargetsDataset(DatasetView):
+    """`base[i]` plus `"target"`: item i's cached representation tokens."""
+
+    def __init__(self, base: Dataset, targets: TargetShards) -> None:
+        super().__init__(base)
+        self.targets = targets
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self.base[index]
