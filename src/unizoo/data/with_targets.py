@@ -26,7 +26,7 @@ from unizoo.errors import RecipeError
 
 
 class DatasetView(Dataset):
-    """Another data set's items with something added; what the view does not define is the base's.
+    """Another data set's items with `added(i)` in each; what the view does not define is the base's.
 
     The training split is read for more than its items (the shapes data's `scene(i)`, which
     the shapes classifier learns from and which decides `evaluation.features: auto`), so a
@@ -47,6 +47,20 @@ class DatasetView(Dataset):
             raise AttributeError(name)
         return getattr(self.base, name)
 
+    def added(self, index: int) -> dict[str, Any]:
+        """What the view adds to item `index`."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.base[index]
+        # None: an item the data set skips (unreadable), whose loader's collate drops it; nothing is added to it.
+        return None if item is None else {**item, **self.added(index)}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any] | None]:
+        # The base's batched draw where it has one (shapes: a third of a batch's time saved).
+        items = self.base.__getitems__(indices) if hasattr(self.base, "__getitems__") else [self.base[i] for i in indices]
+        return [None if item is None else {**item, **self.added(i)} for item, i in zip(items, indices, strict=True)]
+
 
 class TargetsDataset(DatasetView):
     """`base[i]` plus `"target"`: item i's cached representation tokens."""
@@ -55,10 +69,8 @@ class TargetsDataset(DatasetView):
         super().__init__(base)
         self.targets = targets
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        item = self.base[index]
-        # None: an item the data set skips (unreadable), whose loader's collate drops it; it has no target either.
-        return None if item is None else {**item, "target": self.targets[index]}
+    def added(self, index: int) -> dict[str, Any]:
+        return {"target": self.targets[index]}
 
 
 class TrainSplitWrapped:
