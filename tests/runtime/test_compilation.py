@@ -150,3 +150,62 @@ def test_a_stage_trains_its_generator_compiled_to_the_losses_of_eager(tmp_path, 
     assert 0 < throughput["compile_seconds"] < throughput["train_seconds"]
     assert throughput["images_per_s_after_compile"] > throughput["images_per_s"]
     assert "compile_seconds" not in json.loads((runs["false"] / "metrics.json").read_text())["training"]["generation"]
+
+
+def _architecture(depth: int) -> nn.Module:
+    """One more distinct architecture per depth: dynamo compiles a variant for each."""
+    torch.manual_seed(depth)
+    return nn.Sequential(*[nn.Linear(8, 8) for _ in range(depth)], nn.Tanh())
+
+
+class _CountingBackend:
+    """Runs the captured graph as it is and counts the graphs it was given."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph, example_inputs):
+        self.graphs += 1
+        return graph.forward
+
+
+def test_more_architectures_than_dynamo_keeps_by_default_each_compile(caplog):
+    # Every module compiled in place shares one entry point in dynamo's cache, which keeps 8 variants by
+    # default and then runs the next ones eager without an error, while the log would say "compiled".
+    torch._dynamo.reset()
+    backend = _CountingBackend()
+    with caplog.at_level(logging.WARNING, logger="unizoo"):
+        for depth in range(1, 12):
+            module = _architecture(depth)
+            call = CompiledCall(module, f"architecture {depth}", backend=backend)
+            call.on()
+            _loss_and_grads(module, torch.randn(4, 8))
+            assert backend.graphs == depth and not call.failed, depth
+            call.off()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_past_the_limit_an_architecture_runs_eager_and_the_log_says_why(monkeypatch, caplog):
+    torch._dynamo.reset()
+    monkeypatch.setattr(compilation, "ARCHITECTURES_PER_PROCESS", 2)
+    backend = _CountingBackend()
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING, logger="unizoo"):
+        calls = []
+        for depth in (1, 2, 3):
+            module, eager = _architecture(depth), _architecture(depth)
+            call = CompiledCall(module, f"architecture {depth}", backend=backend)
+            call.on()
+            inputs = torch.randn(4, 8)
+            loss, grads = _loss_and_grads(module, inputs)
+            expected_loss, expected_grads = _loss_and_grads(eager, inputs)
+            torch.testing.assert_close(loss, expected_loss)
+            for grad, expected in zip(grads, expected_grads, strict=True):
+                torch.testing.assert_close(grad, expected)
+            calls.append(call)
+            call.off()
+    assert backend.graphs == 2 and [c.failed for c in calls] == [False, False, True]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "unizoo.runtime.compilation" and r.levelno >= logging.WARNING]
+    # Torch's own limit is 1 here and unizoo's 2: compiling allows the larger, and the line names it.
+    assert warnings == ["compile: architecture 3 could not be compiled (this process already compiled 2 variants of it, as "
+                        "many as dynamo keeps (recompile_limit, at least ARCHITECTURES_PER_PROCESS while unizoo compiles)); "
+                        "it runs eager from here on"]

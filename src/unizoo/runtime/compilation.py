@@ -19,6 +19,11 @@
   saying why. The backward graph is lowered together with the forward
   (`force_non_lazy_backward_lowering`), so its failure is caught the same way, in the
   forward call, instead of inside Lightning's backward.
+* Every module compiled this way shares one entry point in dynamo's cache, which by default
+  keeps 8 compiled variants and then runs further ones eager without an error. Compiling
+  here allows one variant per generator architecture up to `ARCHITECTURES_PER_PROCESS` (a
+  process that trains many variants, e.g. tests or a notebook looping over recipes), and
+  past that the limit is a compile failure like any other: eager, with the log line.
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torch._dynamo.exc import TorchDynamoException
+from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
 BACKEND = "inductor"  # torch.compile's default; tests substitute lighter ones
+# Compiled variants dynamo keeps for the entry point every compiled module shares: one per generator
+# architecture (a stage's shapes are fixed, so one architecture compiles once), where torch's default is 8.
+ARCHITECTURES_PER_PROCESS = 64
 
 
 def compile_seconds(trainer: L.Trainer) -> float | None:
@@ -63,6 +71,27 @@ def _backward_lowered_with_forward() -> contextlib.AbstractContextManager:
     if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering"):
         return torch._functorch.config.patch(force_non_lazy_backward_lowering=True)
     return contextlib.nullcontext()  # a torch without the switch: a backward failure is raised where it happens
+
+
+def _room_for_every_architecture() -> contextlib.AbstractContextManager:
+    """A new architecture compiles rather than running eager in silence once dynamo holds 8 others;
+    past `ARCHITECTURES_PER_PROCESS`, reaching the limit raises, so the fallback says so."""
+    return torch._dynamo.config.patch(recompile_limit=_variants_kept(), fail_on_recompile_limit_hit=True)
+
+
+def _variants_kept() -> int:
+    return max(torch._dynamo.config.recompile_limit, ARCHITECTURES_PER_PROCESS)
+
+
+def _why(error: BaseException) -> str:
+    """What the fallback's log line says of `error`: the backend's own error, or the limit reached."""
+    if isinstance(error, FailOnRecompileLimitHit):
+        return (f"this process already compiled {_variants_kept()} variants of it, as many as dynamo keeps "
+                "(recompile_limit, at least ARCHITECTURES_PER_PROCESS while unizoo compiles)")
+    # A backend's own error arrives wrapped by dynamo (BackendCompilerFailed): name the backend's.
+    cause = getattr(error, "inner_exception", None) or error
+    message = str(cause).strip()
+    return type(cause).__name__ + (f": {message.splitlines()[0][:300]}" if message else "")
 
 
 class CompiledCall:
@@ -96,20 +125,16 @@ class CompiledCall:
         started = time.perf_counter()
         first = self.compile_seconds is None
         try:
-            with _backward_lowered_with_forward():
+            with _backward_lowered_with_forward(), _room_for_every_architecture():
                 output = self.compiled(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any failure of the compiling call means: run eager
             # After the first call, only a failed recompilation falls back; an error of the step itself
             # (out of memory, a wrong shape) is the run's to report, not compile's.
-            if not first and not isinstance(error, TorchDynamoException):
+            if not first and not isinstance(error, (TorchDynamoException, FailOnRecompileLimitHit)):
                 raise
             self.failed = True
             self.off()
-            # A backend's own error arrives wrapped by dynamo (BackendCompilerFailed): name the backend's.
-            cause = getattr(error, "inner_exception", None) or error
-            message = str(cause).strip()
-            log.warning("compile: %s could not be compiled (%s%s); it runs eager from here on", self.what,
-                        type(cause).__name__, f": {message.splitlines()[0][:300]}" if message else "")
+            log.warning("compile: %s could not be compiled (%s); it runs eager from here on", self.what, _why(error))
             return self.module._call_impl(*args, **kwargs)
         if first:
             self.compile_seconds = time.perf_counter() - started
