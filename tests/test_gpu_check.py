@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shlex
@@ -28,6 +29,58 @@ def test_without_a_gpu_the_check_says_so_and_writes_nothing(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("gpu_check: no CUDA GPU is visible to torch")
     assert not any(tmp_path.iterdir())
+
+
+# Stand-ins for the commands gpu_check.sh runs, so that its own machinery (a time limit per step, a step
+# that fails or runs out of time recorded and the next one run, the summary written last) runs here.
+_FAKE_PYTHON = """#!/usr/bin/env bash
+case "$*" in
+    *"torch.cuda.is_available()"*) exit 0 ;;                      # a GPU is visible
+    *machine_slug*) echo cuda-fake-gpu ;;
+    "-m pytest"*) echo "3 passed" ;;
+    "-m benchmarks.run loop"*) echo "killed at its limit" ; exit 124 ;;   # what `timeout` returns for a step it stopped
+    "-m benchmarks.run attention"*) echo "Traceback: no kernel" >&2 ; exit 1 ;;
+    "-m benchmarks.run"*) echo "table written" ;;
+    "-m benchmarks.gpu_summary"*) exec "$REAL_PYTHON" "$@" ;;
+    *) echo "unexpected python $*" >&2 ; exit 3 ;;
+esac
+"""
+_FAKE_UNIZOO = """#!/usr/bin/env bash
+for word in "$@"; do case "$word" in run_dir=*) run="${word#run_dir=}" ;; esac; done
+[ -n "${UNIZOO_CACHE:-}" ] || { echo "no empty cache given" >&2; exit 3; }
+mkdir -p "$run"
+echo '{"seconds_total": 70.0, "training": {"generation": {"images_per_s": 11000.0}}}' > "$run/metrics.json"
+echo "done" > "$run/train.log"
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the check is a bash script")
+def test_the_check_runs_every_step_unattended_and_records_the_failed_ones(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("python", _FAKE_PYTHON), ("unizoo", _FAKE_UNIZOO)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "results"
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "OUT": str(out), "REAL_PYTHON": sys.executable,
+                                              "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"})
+    assert result.returncode == 0, result.stderr
+    logs = out / "cuda-fake-gpu" / "gpu_check"
+    with (logs / "steps.tsv").open() as file:
+        rows = list(csv.DictReader(file, delimiter="\t"))
+    assert [(r["step"], r["status"]) for r in rows] == [
+        ("tests", "ok"), ("first_run", "ok"), ("loop", "timed out"), ("attention", "failed (exit 1)"),
+        ("peer_s", "ok"), ("peer_xl", "ok"), ("variants", "ok")]
+    assert [int(r["limit_s"]) for r in rows] == [60, 120, 40, 45, 65, 120, 30]
+    assert sum(int(r["limit_s"]) for r in rows) <= 8 * 60  # the issue's 8 minutes, every step at its limit
+    assert "Traceback: no kernel" in (logs / "attention.log").read_text()  # each step's output kept
+    assert json.loads((logs / "first_run" / "metrics.json").read_text())["seconds_total"] == 70.0
+    summary = json.loads((out / "cuda-fake-gpu" / "gpu_check.json").read_text())
+    assert [s["status"] for s in summary["steps"]] == [r["status"] for r in rows]
+    targets = {t["target"]: t for t in summary["targets"]}
+    assert targets["generation_images_per_s"]["measured"] == 11000.0
+    assert "| attention | failed (exit 1) |" in (out / "cuda-fake-gpu" / "gpu_check.md").read_text()
 
 
 def _results(tmp_path: Path, first_run_status: str = "ok") -> Path:
