@@ -17,7 +17,12 @@ from .tables import _table
 
 # The GPU lines of the project's issue 25, checked against an H100/H200-class GPU.
 TARGETS = {
-    "generation_images_per_s": (">=", 10_000, "the default recipe's generation stage, images/s"),
+    # Read as the rate the stage trains at: a compile is paid once per process, and the first-run line bounds
+    # it; the stage's wall clock with the compile in it is the next row, held to the same goal, for comparison.
+    "generation_images_per_s": (">=", 10_000, "the default recipe's generation stage, images/s while it trains "
+                                "(after its generator's compile, where it compiled)"),
+    "generation_images_per_s_with_compile": (">=", 10_000, "the same stage's images/s over its whole wall clock, "
+                                             "the compile included"),
     "first_run_s": ("<=", 90, "a first `unizoo train` with an empty cache, seconds"),
     "xl_mfu": (">=", 0.40, "unizoo at DiT-XL/2, batch 256, bf16: MFU of the measured matmul peak"),
     "xl_ratio": (">=", 1.2, "unizoo at DiT-XL/2 over diffusers' best row (best vs best)"),
@@ -46,9 +51,11 @@ def measured(results: Path, step_rows: list[dict]) -> dict:
     first_run = next((row for row in step_rows if row["step"] == "first_run"), None)
     if metrics:
         generation = metrics.get("training", {}).get("generation", {})
-        values["generation_images_per_s"] = generation.get("images_per_s")  # the stage's wall clock, compiling included
-        values["generation_compile_s"] = generation.get("compile_seconds")  # absent where the generator ran eager
-        values["generation_images_per_s_after_compile"] = generation.get("images_per_s_after_compile")
+        wall = generation.get("images_per_s")  # the stage's wall clock, compiling included
+        after = generation.get("images_per_s_after_compile")  # absent where the generator ran eager: then the same
+        values["generation_images_per_s"] = after if after is not None else wall
+        values["generation_images_per_s_with_compile"] = wall
+        values["generation_compile_s"] = generation.get("compile_seconds")
         values["first_run_train_seconds_total"] = metrics.get("seconds_total")
         values["first_run_overall"] = metrics.get("generation", {}).get("generation", {}).get("overall")
     if first_run and first_run["status"] == "ok":
@@ -95,9 +102,9 @@ def _compile_line(values: dict) -> str:
     """Whether the first run's generator was compiled, and its stage's rate with and without the compilation."""
     if values.get("generation_compile_s") is None:
         return "- first run's generator: eager (no compile time in its metrics.json)"
-    return (f"- first run's generator: compiled in {values['generation_compile_s']:.1f} s, inside its stage's "
-            f"{values['generation_images_per_s']:,.0f} images/s; {values['generation_images_per_s_after_compile']:,.0f} "
-            "images/s without it")
+    return (f"- first run's generator: compiled in {values['generation_compile_s']:.1f} s; its stage trained at "
+            f"{values['generation_images_per_s']:,.0f} images/s after that, "
+            f"{values['generation_images_per_s_with_compile']:,.0f} images/s over its wall clock with the compile")
 
 
 def summary_markdown(step_rows: list[dict], verdict_rows: list[dict], values: dict, machine: str) -> str:
@@ -107,7 +114,9 @@ def summary_markdown(step_rows: list[dict], verdict_rows: list[dict], values: di
     def shown(value) -> str:
         if value is None:
             return "missing (its step did not finish)"
-        return f"{value:.3g}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"  # 38,000 images/s, not 3.8e+04
+        return str(value)
 
     target_table = _table(["target", "goal", "measured", "holds"],
                           [[r["what"], f"{r['relation']} {r['goal']:g}", shown(r["measured"]),
