@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import lightning as L
-import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -144,6 +143,10 @@ class CLIPRepresentation(nn.Module):
             raise ValueError(f"feature_layer={self.feature_layer} is out of range for a {layers}-layer tower (hidden states -{layers + 1}..{layers})")
 
     def _build_timm_tower(self, timm_model: str | None, kwargs: dict[str, Any]) -> None:
+        # Imported here, not with the module: timm's import (wandb's with it) costs 0.7 s of every
+        # `unizoo train`, which imports this module for the evaluator whatever the representation.
+        import timm
+
         if not timm_model:
             raise ValueError("representation.tower='timm' needs representation.timm_model (e.g. 'eva02_large_patch14_clip_224')")
         kwargs.setdefault("num_classes", 0)  # features only: no classifier head
