@@ -6,7 +6,9 @@
   nothing else.
 * **whole**: `trainer.fit` of the generation stage with the Trainer and callbacks
   `unizoo train` builds for it (`unizoo.training.stage_callbacks.stage_trainer`): batches
-  drawn by the data module's loader, the step's own seeded generator, the non-finite-loss
+  drawn by the data module's loader with their items' indices, which the target memo keeps
+  the frozen encoder's tokens under (inside the first epoch, as here, it keeps and reads
+  none back), the step's own seeded generator, the non-finite-loss
   guard, the EMA update, periodic checkpoints and validation at the recipe's intervals,
   the loss log (CSV), the progress display. Timed from step `warmup` to the end of the
   fit, so the window holds the recipe's periodic work in proportion (with the default
@@ -15,9 +17,11 @@
 
 Both start from the same freshly built model (random weights: the work per step is the
 same; nothing is pretrained), and both run the generator as the recipe's `compile` says
-(compiled on CUDA by default; `--loop-override compile=false` measures it eager). Overhead =
-whole step time / bare step time - 1. Where the difference goes is measured apart: drawing a
-batch through the loader, and one EMA update.
+(compiled on CUDA by default; `--loop-override compile=false` measures it eager). The whole
+steps are timed in `blocks`, and the bare steps run before, between and after them in the
+same fit, so that each block is compared with bare steps of the same minutes (`_Interleaved`).
+Overhead = whole step time / bare step time - 1, with the blocks' lowest and highest. Where
+the difference goes is measured apart: drawing a batch through the loader, and one EMA update.
 
 What the host pays per step, whatever the batch, is measured apart too: the operators one
 bare step dispatches (views, which launch nothing, not counted), and the bare step on one
@@ -34,6 +38,7 @@ import copy
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +49,7 @@ from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from unizoo.config.composition import compose_recipe
+from unizoo.data.target_memo import index_training_items
 from unizoo.runtime import compilation
 from unizoo.runtime.fabric import loops_on
 from unizoo.runtime.library_chatter import quiet_library_chatter
@@ -62,36 +68,67 @@ from .cached_targets import QUICK_OVERRIDES
 class LoopConfig:
     steps: int = 500  # timed steps of the whole loop (the recipe checkpoints and validates every 500)
     warmup: int = 20
-    bare_steps: int = 100
+    bare_steps: int = 100  # timed bare steps, before the whole loop (for the host's table) and again between its blocks
+    blocks: int = 10  # the timed whole steps in this many blocks, with bare steps before, between and after them
     extra_overrides: tuple[str, ...] = ()
     seed: int = 0
 
     @classmethod
     def quick(cls) -> LoopConfig:
-        return cls(steps=6, warmup=2, bare_steps=4, extra_overrides=(*QUICK_OVERRIDES, "data.batch_size=4",
-                                                                      "checkpoint.every_n_steps=4", "trainer.val_check_interval=4"))
+        return cls(steps=6, warmup=2, bare_steps=4, blocks=2, extra_overrides=(
+            *QUICK_OVERRIDES, "data.batch_size=4", "checkpoint.every_n_steps=4", "trainer.val_check_interval=4"))
 
 
-class _Clock(L.Callback):
-    """Wall time from the start of batch `warmup` to the end of the fit (device work included)."""
+class _Interleaved(L.Callback):
+    """The whole steps timed in blocks, with bare steps on the fixed batch before, between and after the blocks.
 
-    def __init__(self, warmup: int, device: torch.device) -> None:
-        self.warmup, self.device = warmup, device
-        self.started = self.ended = None
-        self.steps = 0
+    A shared machine's speed drifts over minutes: bare steps timed before the whole loop only, as this
+    benchmark did until 2026-12-07, gave overheads of 1.2% to 16.5% within one hour. Each block is held
+    to the bare steps on either side of it, which ran the same minute. A block is timed from the end of
+    the bare steps before it to the end of its last step, so its batches' loading, hooks, EMA updates,
+    and a periodic checkpoint or validation falling in it, are in it; the device is synchronised only at
+    the blocks' ends, so inside a block the host runs ahead of the device as in a real run.
+    """
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if batch_idx == self.warmup:
+    def __init__(self, bare_step: Callable[[], None], cfg: LoopConfig, device: torch.device) -> None:
+        self.bare_step, self.device, self.warmup = bare_step, device, cfg.warmup
+        self.block_steps = max(1, cfg.steps // cfg.blocks)
+        self.bare_per_side = max(1, cfg.bare_steps // (cfg.blocks + 1))
+        self.bare: list[list[float]] = []  # ms of each bare step, one list per side (before block 0, after each block)
+        self.whole: list[tuple[float, int]] = []  # (ms, steps) of each block
+        self.mark: float | None = None
+        self.steps_in_block = 0
+
+    def _bare_side(self) -> None:
+        times = []
+        for _ in range(self.bare_per_side):
             synchronize(self.device)
-            self.started = time.perf_counter()
+            start = time.perf_counter()
+            self.bare_step()
+            synchronize(self.device)
+            times.append((time.perf_counter() - start) * 1e3)
+        self.bare.append(times)
+        self.mark = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.started is not None:
-            self.steps += 1
+        if batch_idx + 1 < self.warmup:
+            return
+        if self.mark is not None:
+            self.steps_in_block += 1
+            if self.steps_in_block < self.block_steps and trainer.global_step < trainer.max_steps:
+                return
+            synchronize(self.device)
+            self.whole.append(((time.perf_counter() - self.mark) * 1e3, self.steps_in_block))
+            self.steps_in_block = 0
+        self._bare_side()
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        synchronize(self.device)
-        self.ended = time.perf_counter()
+    def blocks(self) -> list[dict]:
+        """Each block's mean whole step, the bare step beside it (the mean of its two sides' medians), its overhead."""
+        rows = []
+        for number, (ms, steps) in enumerate(self.whole):
+            bare = (statistics.median(self.bare[number]) + statistics.median(self.bare[number + 1])) / 2
+            rows.append({"steps": steps, "whole_step_ms": ms / steps, "bare_step_ms": bare, "overhead": ms / steps / bare - 1})
+        return rows
 
 
 def _recipe(cfg: LoopConfig, device: torch.device, steps: int):
@@ -171,14 +208,17 @@ def operators_per_step(model, recipe, batch: dict) -> dict:
     return {"operators_per_step": count.operators, "views_per_step": count.views}
 
 
-def whole_step_ms(model, recipe, device: torch.device, cfg: LoopConfig, run_dir: Path) -> tuple[float, int]:
-    """Mean ms of a step of `trainer.fit` over its last `cfg.steps` steps, and how many were timed."""
+def interleaved_steps(model, bare_step: Callable[[], None], recipe, device: torch.device, cfg: LoopConfig,
+                      run_dir: Path) -> _Interleaved:
+    """`trainer.fit` of the stage, its last `cfg.steps` steps timed in blocks with bare steps between them."""
     (stage,) = instantiate(recipe.strategy).stages
-    clock = _Clock(cfg.warmup, device)
-    trainer = stage_trainer(recipe, stage, [stage], run_dir, logger_factory(recipe)(run_dir, stage.name), [clock])
+    timing = _Interleaved(bare_step, cfg, device)
+    trainer = stage_trainer(recipe, stage, [stage], run_dir, logger_factory(recipe)(run_dir, stage.name), [timing])
     datamodule = instantiate(recipe.data, _convert_="all")
+    datamodule.setup("fit")
+    index_training_items(datamodule)  # as `unizoo train` does: the target memo's bookkeeping is part of the loop
     trainer.fit(model, datamodule=datamodule)
-    return (clock.ended - clock.started) * 1e3 / clock.steps, clock.steps
+    return timing
 
 
 def parts_ms(model, recipe, device: torch.device, cfg: LoopConfig) -> dict:
@@ -220,30 +260,54 @@ def run_loop(cfg: LoopConfig, device: torch.device, peaks: dict, progress=print)
         if compiled:
             compilation.CompiledCall(bare_model.generator, "the bare step's generator", backend=compilation.BACKEND).on()
         images = fixed_batch(recipe, device)
-        bare = bare_step_ms(bare_model, recipe, images, device, cfg)
+        bare_alone = bare_step_ms(bare_model, recipe, images, device, cfg)
         one_image = bare_step_ms(bare_model, recipe, first_items(images, 1), device, cfg)
         parts = parts_ms(bare_model, recipe, device, cfg)
         operators = operators_per_step(bare_model, recipe, images)
-        del bare_model
-        bare_ms, one_image_ms = statistics.median(bare), statistics.median(one_image)
-        progress(f"loop: bare step {bare_ms:.1f} ms (median of {len(bare)}), "
+        alone_ms, one_image_ms = statistics.median(bare_alone), statistics.median(one_image)
+        progress(f"loop: bare step {alone_ms:.1f} ms (median of {len(bare_alone)}), "
                  f"{one_image_ms:.1f} ms on one image; {operators['operators_per_step']} operators per step")
-        whole, timed = whole_step_ms(model, recipe, device, cfg, Path(tmp))
-        progress(f"loop: whole Lightning step {whole:.1f} ms (mean of {timed})")
+        step = _bare_stepper(bare_model, recipe)
+        timing = interleaved_steps(model, lambda: step(images), recipe, device, cfg, Path(tmp))
+        del bare_model, step
+    blocks = timing.blocks()
+    timed = sum(b["steps"] for b in blocks)
+    whole = sum(b["whole_step_ms"] * b["steps"] for b in blocks) / timed
+    bare_ms = sum(b["bare_step_ms"] * b["steps"] for b in blocks) / timed  # each block's bare step, weighted as the block
+    overheads = [b["overhead"] for b in blocks]
+    progress(f"loop: whole Lightning step {whole:.1f} ms over {timed} steps in {len(blocks)} blocks, the bare step "
+             f"beside them {bare_ms:.1f} ms")
     batch = recipe.data.batch_size
     row = {
         "recipe": "default", "batch": batch, "precision": str(recipe.trainer.precision), "device": str(device),
         "generator_compiled": compiled,
-        "bare_step_ms": bare_ms, "bare_times_ms": bare, "whole_step_ms": whole, "whole_steps_timed": timed,
+        "bare_step_ms": bare_ms, "bare_times_ms": [t for side in timing.bare for t in side],
+        "whole_step_ms": whole, "whole_steps_timed": timed, "blocks": blocks,
         "bare_images_per_s": batch / bare_ms * 1e3, "whole_images_per_s": batch / whole * 1e3,
-        "overhead": whole / bare_ms - 1, **parts,
+        "overhead": whole / bare_ms - 1, "overhead_low": min(overheads), "overhead_high": max(overheads),
+        "bare_step_ms_alone": alone_ms, "bare_alone_times_ms": bare_alone, **parts,
         "one_image_step_ms": one_image_ms, "one_image_times_ms": one_image,
         "eager_ceiling_images_per_s": batch / one_image_ms * 1e3, **operators,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        # The whole step's target memo (training items indexed as `unizoo train` indexes them): items kept, items read.
+        "memo_items_kept": len(model.target_memo.rows), "memo_items_read": model.target_memo.read,
     }
-    progress(f"loop: overhead {100 * row['overhead']:.1f}% ({row['whole_images_per_s']:.1f} vs {row['bare_images_per_s']:.1f} images/s)")
+    progress(f"loop: overhead {100 * row['overhead']:.1f}% (blocks {100 * row['overhead_low']:.1f}% to "
+             f"{100 * row['overhead_high']:.1f}%; {row['whole_images_per_s']:.1f} vs {row['bare_images_per_s']:.1f} images/s)")
     label = "default recipe, generation stage" + (f", {', '.join(cfg.extra_overrides)}" if cfg.extra_overrides else "")
     return {"config": {**asdict(cfg), "label": label}, "rows": [row]}
+
+
+def _alone(row: dict) -> float:
+    """The bare step timed beside the one-image step, before the whole loop (earlier results: their only bare step)."""
+    return row.get("bare_step_ms_alone", row["bare_step_ms"])
+
+
+def _range(row: dict) -> str:
+    """The blocks' overheads (results written before 2026-12-07 timed one block)."""
+    if "overhead_low" not in row:
+        return ""
+    return f" (blocks: {_fmt(row['overhead_low'], percent=True)} to {_fmt(row['overhead_high'], percent=True)})"
 
 
 def loop_markdown(result: dict, peaks: dict) -> str:
@@ -251,7 +315,7 @@ def loop_markdown(result: dict, peaks: dict) -> str:
     rows = [[
         r["device"], r["precision"], "compiled" if r.get("generator_compiled") else "eager", str(r["batch"]),
         _fmt(r["bare_step_ms"], 1), _fmt(r["whole_step_ms"], 1),
-        _fmt(r["bare_images_per_s"], 1), _fmt(r["whole_images_per_s"], 1), _fmt(r["overhead"], percent=True),
+        _fmt(r["bare_images_per_s"], 1), _fmt(r["whole_images_per_s"], 1), _fmt(r["overhead"], percent=True) + _range(r),
         _fmt(r["loader_ms"], 2), _fmt(r["ema_update_ms"], 2),
     ] for r in result["rows"]]
     header = ["device", "precision", "generator (`compile`)", "batch", "bare step (ms)", "whole step (ms)",
@@ -259,24 +323,27 @@ def loop_markdown(result: dict, peaks: dict) -> str:
     parts = [
         f"### The training loop's cost: {cfg['label']}",
         "Bare step: one fixed batch on the device, the stage's losses under the trainer's precision, backward, "
-        "gradient clipping, the optimiser step (median of "
-        f"{cfg['bare_steps']} after {cfg['warmup']} untimed). Whole step: `trainer.fit` with the Trainer and callbacks "
-        "`unizoo train` uses (loader, step seeding, non-finite guard, EMA, checkpoints and validation at the recipe's "
-        f"intervals, CSV loss log, progress), mean over steps {cfg['warmup']} to {cfg['warmup'] + cfg['steps']}. "
-        "Loop overhead: whole / bare - 1. The last two columns are parts of the whole step outside the bare one, "
-        "measured apart. Random weights: the work per step is that of a trained model.",
+        "gradient clipping, the optimiser step. Whole step: `trainer.fit` with the Trainer and callbacks "
+        "`unizoo train` uses (loader, target memo, step seeding, non-finite guard, EMA, checkpoints and validation at the recipe's "
+        f"intervals, CSV loss log, progress), mean over steps {cfg['warmup']} to {cfg['warmup'] + cfg['steps']}, timed in "
+        f"{cfg.get('blocks', 1)} blocks. Bare steps ran before, between and after the blocks, inside the same fit "
+        "(a shared machine's speed drifts over minutes), and each block is held to the median bare step on its two "
+        "sides; the bare step here is those, weighted as their blocks. Loop overhead: whole / bare - 1; in brackets, "
+        "the lowest and highest block's (the block with the recipe's checkpoint and validation is the highest). The "
+        "last two columns are parts of the whole step outside the bare one, measured apart. Random weights: the work "
+        "per step is that of a trained model.",
         _table(header, rows),
     ]
     host_rows = [[
         r["device"], str(r["operators_per_step"]), str(r["views_per_step"]), _fmt(r["one_image_step_ms"], 1),
-        _fmt(r["bare_step_ms"], 1), _fmt(r["eager_ceiling_images_per_s"], 0), _fmt(r["bare_images_per_s"], 1),
+        _fmt(_alone(r), 1), _fmt(r["eager_ceiling_images_per_s"], 0), _fmt(r["batch"] / _alone(r) * 1e3, 1),
     ] for r in result["rows"] if "operators_per_step" in r]  # results written before these were measured lack them
     if host_rows:
         parts += [
             "What the host pays per step, whatever the batch: the operators one bare step dispatches (views, which "
             "launch nothing, apart), and the same bare step on the batch's first image only. A step of the whole batch "
             "cannot take less than the one-image step, so batch / one-image step bounds the images/s of this "
-            "step on this machine. Where the bare step is close to the one-image step, the host's dispatching, not the "
+            "step on this machine. The bare step here is the one timed beside it, before the whole loop. Where the bare step is close to the one-image step, the host's dispatching, not the "
             "arithmetic, is the step's cost. The operators are those of the eager step even where the generator is "
             "compiled: under a dispatch counter, torch.compile's code runs eager.",
             _table(["device", "operators per step", "views per step", "bare step, one image (ms)",

@@ -201,14 +201,27 @@ def test_the_loop_benchmark_times_both_steps_and_its_log_reads_like_a_run_s(quic
     (row,) = quick_run["loop"]["rows"]
     assert row["recipe"] == "default" and row["device"] == "cpu"
     assert row["generator_compiled"] is False  # `compile: auto` on the CPU, as the stage's trainer runs it
-    assert len(row["bare_times_ms"]) == quick_run["loop"]["config"]["bare_steps"]
+    config = quick_run["loop"]["config"]
+    assert len(row["bare_alone_times_ms"]) == config["bare_steps"]  # beside the one-image step, before the whole loop
     assert row["bare_step_ms"] > 0 and row["whole_step_ms"] > 0 and row["loader_ms"] > 0 and row["ema_update_ms"] > 0
+    # The whole steps in blocks, each held to the bare steps timed on its two sides in the same fit.
+    blocks = row["blocks"]
+    assert len(blocks) == config["blocks"] and sum(b["steps"] for b in blocks) == row["whole_steps_timed"] == config["steps"]
+    assert len(row["bare_times_ms"]) == len(blocks) + 1  # one bare step a side here (--quick): before, between, after
+    for number, block in enumerate(blocks):
+        beside = row["bare_times_ms"][number: number + 2]
+        assert block["bare_step_ms"] == pytest.approx(sum(beside) / 2)
+        assert block["overhead"] == pytest.approx(block["whole_step_ms"] / block["bare_step_ms"] - 1)
+    assert row["whole_step_ms"] == pytest.approx(sum(b["whole_step_ms"] * b["steps"] for b in blocks) / config["steps"])
     assert row["overhead"] == pytest.approx(row["whole_step_ms"] / row["bare_step_ms"] - 1)
+    assert row["overhead_low"] == min(b["overhead"] for b in blocks) and row["overhead_high"] == max(b["overhead"] for b in blocks)
     assert row["whole_images_per_s"] == pytest.approx(row["batch"] * 1e3 / row["whole_step_ms"])
     # What the host pays per step: the one-image step is timed as often as the batch's, and bounds its images/s.
-    assert len(row["one_image_times_ms"]) == len(row["bare_times_ms"]) and row["one_image_step_ms"] > 0
+    assert len(row["one_image_times_ms"]) == config["bare_steps"] and row["one_image_step_ms"] > 0
     assert row["eager_ceiling_images_per_s"] == pytest.approx(row["batch"] * 1e3 / row["one_image_step_ms"])
     assert row["operators_per_step"] > 100 and row["views_per_step"] > 0  # a DiT, an LM and a VAE encoder, forward and back
+    # The whole step's items carry their indices, as in `unizoo train`: the memo kept each item its steps drew.
+    assert row["memo_items_kept"] == (config["warmup"] + config["steps"]) * row["batch"] and row["memo_items_read"] == 0
     # What `unizoo train` filters, the benchmark's log does not carry either.
     for chatter in ("Tip", "litlogger", "LeafSpec", "in eval mode"):
         assert chatter not in quick_run["stderr"], chatter

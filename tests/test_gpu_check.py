@@ -166,4 +166,4 @@ def test_every_benchmark_step_of_the_check_parses_and_the_loop_runs_eager():
     parser = build_parser()
     parsed = [parser.parse_args(arguments) for arguments in commands]
     loop = _loop_config(parsed[0])
-    assert loop.steps == 300 and loop.extra_overrides == ("compile=false",)
+    assert loop.steps == 300 and loop.bare_steps == 50 and loop.extra_overrides == ("compile=false",)
