@@ -59,7 +59,7 @@ from unizoo.training.ema import update_average
 from unizoo.training.run_loggers import logger_factory
 from unizoo.training.stage_callbacks import stage_trainer
 
-from .measure import synchronize
+from .measure import synchronize, time_call
 from .report import MARKDOWN, _fmt, _table, peaks_markdown
 from .cached_targets import QUICK_OVERRIDES
 
@@ -100,14 +100,8 @@ class _Interleaved(L.Callback):
         self.steps_in_block = 0
 
     def _bare_side(self) -> None:
-        times = []
-        for _ in range(self.bare_per_side):
-            synchronize(self.device)
-            start = time.perf_counter()
-            self.bare_step()
-            synchronize(self.device)
-            times.append((time.perf_counter() - start) * 1e3)
-        self.bare.append(times)
+        timing = time_call(self.bare_step, self.device, warmup=0, repeats=self.bare_per_side)
+        self.bare.append([seconds * 1e3 for seconds in timing.times_s])
         self.mark = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -172,15 +166,8 @@ def _bare_stepper(model, recipe):
 def bare_step_ms(model, recipe, batch: dict, device: torch.device, cfg: LoopConfig) -> list[float]:
     """Seconds (as ms) of each timed bare step on `batch`: losses, backward, clipping, optimiser."""
     step = _bare_stepper(model, recipe)
-    times = []
-    for number in range(cfg.warmup + cfg.bare_steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step(batch)
-        synchronize(device)
-        if number >= cfg.warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return times
+    timing = time_call(lambda: step(batch), device, cfg.warmup, cfg.bare_steps)
+    return [seconds * 1e3 for seconds in timing.times_s]
 
 
 class _OperatorCount(TorchDispatchMode):
@@ -343,8 +330,8 @@ def loop_markdown(result: dict, peaks: dict) -> str:
             "What the host pays per step, whatever the batch: the operators one bare step dispatches (views, which "
             "launch nothing, apart), and the same bare step on the batch's first image only. A step of the whole batch "
             "cannot take less than the one-image step, so batch / one-image step bounds the images/s of this "
-            "step on this machine. The bare step here is the one timed beside it, before the whole loop. Where the bare step is close to the one-image step, the host's dispatching, not the "
-            "arithmetic, is the step's cost. The operators are those of the eager step even where the generator is "
+            "step on this machine. The bare step here is the one timed beside it, before the whole loop. Where the "
+            "bare step is close to the one-image step, the host's dispatching, not the arithmetic, is the step's cost. The operators are those of the eager step even where the generator is "
             "compiled: under a dispatch counter, torch.compile's code runs eager.",
             _table(["device", "operators per step", "views per step", "bare step, one image (ms)",
                     "bare step, batch (ms)", "ceiling: batch / one-image step (images/s)", "bare images/s"],
