@@ -4,8 +4,10 @@ through a loop, and the top level stays a few modules (docs/design.md, "The pack
 from __future__ import annotations
 
 import ast
+import fnmatch
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,3 +202,23 @@ def test_every_moved_module_names_a_module_that_exists():
     known = modules()
     assert {new for new in unizoo.MOVED_MODULES.values() if new not in known} == set()
     assert {old for old in unizoo.MOVED_MODULES if old in known} == set()
+
+
+def test_a_wheel_carries_every_package_and_every_recipe():
+    # A wheel (`pip install .`, or one built for a cluster) holds only the packages pyproject.toml lists
+    # and the recipe files its globs match; an editable install finds any folder, so a package left out
+    # of the list passes every test in a checkout and fails on import where the wheel is installed.
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {name: ROOT / folder for name, folder in setuptools["package-dir"].items()}
+    found = {
+        ".".join([name, *init.parent.relative_to(folder).parts])
+        for name, folder in folders.items() for init in folder.rglob("__init__.py")
+    }
+    assert found - set(setuptools["packages"]) == set()
+    globs = setuptools["package-data"]["unizoo.recipes"]
+    recipes = [path.relative_to(folders["unizoo.recipes"]) for path in folders["unizoo.recipes"].rglob("*.yaml")]
+    assert len(recipes) > 40
+    unmatched = [str(path) for path in recipes if not any(
+        len(path.parts) == len(glob.split("/")) and all(map(fnmatch.fnmatch, path.parts, glob.split("/")))
+        for glob in globs)]
+    assert unmatched == []
