@@ -64,6 +64,8 @@ def measured(results: Path, step_rows: list[dict]) -> dict:
     if loop and loop.get("rows"):
         row = loop["rows"][0]
         values["loop_overhead"] = row.get("overhead")
+        values["loop_overhead_low"], values["loop_overhead_high"] = row.get("overhead_low"), row.get("overhead_high")
+        values["loop_step_parts"] = row.get("step_parts") or []
         values["loop_bare_images_per_s"] = row.get("bare_images_per_s")
         values["loop_eager_ceiling_images_per_s"] = row.get("eager_ceiling_images_per_s")
         values["loop_operators_per_step"] = row.get("operators_per_step")
@@ -92,10 +94,17 @@ def _loop_line(values: dict) -> str:
     if values.get("loop_eager_ceiling_images_per_s") is None:
         return "- default recipe's step (`loop.md`): missing (its step did not finish)"
     generator = "compiled" if values.get("loop_generator_compiled") else "eager"
-    return (f"- default recipe's step (`loop.md`, the generator {generator}): bare step "
-            f"{values['loop_bare_images_per_s']:,.0f} images/s, loop overhead {100 * values['loop_overhead']:.1f}%; "
+    blocks = ("" if values.get("loop_overhead_low") is None else
+              f" (blocks {100 * values['loop_overhead_low']:.1f}% to {100 * values['loop_overhead_high']:.1f}%)")
+    line = (f"- default recipe's step (`loop.md`, the generator {generator}): bare step "
+            f"{values['loop_bare_images_per_s']:,.0f} images/s, loop overhead {100 * values['loop_overhead']:.1f}%{blocks}; "
             f"{values['loop_operators_per_step']} operators per eager step; the step on one image allows at most "
             f"{values['loop_eager_ceiling_images_per_s']:,.0f} images/s (batch / the bare step on one image)")
+    parts = sorted(values.get("loop_step_parts") or [], key=lambda p: p["one_image_ms"], reverse=True)
+    if parts:  # which part pays the host's cost: what compiling it (or moving it off the main thread) would buy
+        line += "\n- its parts on one image, costliest first: " + "; ".join(
+            f"{p['part']} {p['one_image_ms']:.2f} ms ({p['operators']} operators)" for p in parts)
+    return line
 
 
 def _compile_line(values: dict) -> str:

@@ -29,7 +29,9 @@ image of the batch. A step of the whole batch cannot take less than that, so bat
 one-image step) bounds the images/s of the eager step on that machine. The bound is what
 decides where the device computes a step of this small model faster than the host can
 dispatch it (the case on a GPU it is measured for): then only fewer operators or a captured
-graph raise it, not a faster kernel.
+graph raise it, not a faster kernel. Which part of the step pays it is measured part by part
+(`benchmarks.step_parts`): the encoder, the tokenizer, the conditioning, the generator's loss,
+the optimiser, each on one image and on the batch.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from unizoo.config.composition import compose_recipe
 from unizoo.data.target_memo import index_training_items
@@ -59,7 +60,8 @@ from unizoo.training.ema import update_average
 from unizoo.training.run_loggers import logger_factory
 from unizoo.training.stage_callbacks import stage_trainer
 
-from .measure import synchronize, time_call
+from .measure import OperatorCount, synchronize, time_call
+from .step_parts import step_parts
 from .report import MARKDOWN, _fmt, _table, peaks_markdown
 from .cached_targets import QUICK_OVERRIDES
 
@@ -170,26 +172,11 @@ def bare_step_ms(model, recipe, batch: dict, device: torch.device, cfg: LoopConf
     return [seconds * 1e3 for seconds in timing.times_s]
 
 
-class _OperatorCount(TorchDispatchMode):
-    """Counts the aten operators dispatched inside it; views (a new header on the same storage) apart."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.operators = self.views = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "is_view", False):  # a custom or higher-order operator may not say: counted as an operator
-            self.views += 1
-        else:
-            self.operators += 1
-        return func(*args, **(kwargs or {}))
-
-
 def operators_per_step(model, recipe, batch: dict) -> dict:
     """Operators one bare step on `batch` dispatches (forward under autocast, backward, clipping, optimiser), and its views."""
     step = _bare_stepper(model, recipe)
     step(batch)  # the optimiser's state exists from here on, as in every later step
-    count = _OperatorCount()
+    count = OperatorCount()
     with count:
         step(batch)
     return {"operators_per_step": count.operators, "views_per_step": count.views}
@@ -251,9 +238,14 @@ def run_loop(cfg: LoopConfig, device: torch.device, peaks: dict, progress=print)
         one_image = bare_step_ms(bare_model, recipe, first_items(images, 1), device, cfg)
         parts = parts_ms(bare_model, recipe, device, cfg)
         operators = operators_per_step(bare_model, recipe, images)
+        by_part = step_parts(bare_model, recipe, {"one_image": first_items(images, 1), "batch": images}, device,
+                             warmup=2, repeats=min(20, cfg.bare_steps))
         alone_ms, one_image_ms = statistics.median(bare_alone), statistics.median(one_image)
         progress(f"loop: bare step {alone_ms:.1f} ms (median of {len(bare_alone)}), "
                  f"{one_image_ms:.1f} ms on one image; {operators['operators_per_step']} operators per step")
+        for part in by_part:
+            progress(f"loop: {part['part']}: {part['operators']} operators, {part['one_image_ms']:.2f} ms on one image, "
+                     f"{part['batch_ms']:.2f} ms on the batch")
         step = _bare_stepper(bare_model, recipe)
         timing = interleaved_steps(model, lambda: step(images), recipe, device, cfg, Path(tmp))
         del bare_model, step
@@ -274,7 +266,7 @@ def run_loop(cfg: LoopConfig, device: torch.device, peaks: dict, progress=print)
         "overhead": whole / bare_ms - 1, "overhead_low": min(overheads), "overhead_high": max(overheads),
         "bare_step_ms_alone": alone_ms, "bare_alone_times_ms": bare_alone, **parts,
         "one_image_step_ms": one_image_ms, "one_image_times_ms": one_image,
-        "eager_ceiling_images_per_s": batch / one_image_ms * 1e3, **operators,
+        "eager_ceiling_images_per_s": batch / one_image_ms * 1e3, **operators, "step_parts": by_part,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         # The whole step's target memo (training items indexed as `unizoo train` indexes them): items kept, items read.
         "memo_items_kept": len(model.target_memo.rows), "memo_items_read": model.target_memo.read,
@@ -337,8 +329,27 @@ def loop_markdown(result: dict, peaks: dict) -> str:
                     "bare step, batch (ms)", "ceiling: batch / one-image step (images/s)", "bare images/s"],
                    host_rows),
         ]
+    parts += [_parts_markdown(r) for r in result["rows"] if r.get("step_parts")]  # measured from 2026-12-07 on
     parts.append(peaks_markdown(peaks))
     return "\n\n".join(parts)
+
+
+def _parts_markdown(row: dict) -> str:
+    """Which part of the bare step pays the host's cost (`benchmarks.step_parts`), with the whole step under it."""
+    rows = [[p["part"], str(p["operators"]), _fmt(p["one_image_ms"], 2), _fmt(p["batch_ms"], 2)] for p in row["step_parts"]]
+    rows.append([
+        "sum of the parts", str(sum(p["operators"] for p in row["step_parts"])),
+        _fmt(sum(p["one_image_ms"] for p in row["step_parts"]), 2), _fmt(sum(p["batch_ms"] for p in row["step_parts"]), 2)])
+    rows.append(["the bare step (the table above)", str(row["operators_per_step"]), _fmt(row["one_image_step_ms"], 2),
+                 _fmt(_alone(row), 2)])
+    return "\n\n".join([
+        f"Where the bare step's time goes on {row['device']}, part by part: each part of the generation loss run apart as "
+        "the step runs it (median of synchronised calls), on the batch's first image (what the host pays) and on the "
+        "whole batch, with the operators it dispatches. The tokenizer launches nothing and grows with the batch: it "
+        "is host time at any batch size. Run apart, each part's backward starts from its "
+        "own seed gradient, so their sum is near the bare step's, not equal to it.",
+        _table(["part", "operators", "one image (ms)", "batch (ms)"], rows),
+    ])
 
 
 MARKDOWN.setdefault("loop", loop_markdown)  # report.write_results finds it here

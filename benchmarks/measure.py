@@ -1,7 +1,9 @@
-"""Measuring primitives: wall time, peak memory, FLOPs and the measured peak FLOP/s.
+"""Measuring primitives: wall time, operators dispatched, peak memory, FLOPs and the measured peak FLOP/s.
 
 * Time: warm-up calls, then the median of timed calls (``time.perf_counter``; CUDA is
   synchronised before each clock read so queued kernels are inside the interval).
+* Operators: the aten operators a region dispatches (``TorchDispatchMode``), views apart;
+  on a GPU most of them launch a kernel, so their count is what the host pays per step.
 * Memory: the extra memory a measured region needed beyond what was live when it
   started. CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, allocator cache
   excluded). CPU: the process' resident-set high-water mark, which the kernel keeps
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from unizoo.runtime.precision import cpu_computes_bf16
@@ -71,6 +74,24 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repea
         synchronize(device)
         timing.times_s.append(time.perf_counter() - start)
     return timing
+
+
+# ---------------------------------------------------------------- operators
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the aten operators dispatched inside it; views (a new header on the same storage) apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operators = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "is_view", False):  # a custom or higher-order operator may not say: counted as an operator
+            self.views += 1
+        else:
+            self.operators += 1
+        return func(*args, **(kwargs or {}))
 
 
 # ---------------------------------------------------------------- memory

@@ -27,9 +27,8 @@ from benchmarks.attention_backends import AttentionConfig, attention_flops  # no
 from benchmarks.clip_fidelity import markdown as clip_fidelity_markdown, merged  # noqa: E402
 from benchmarks.convergence import main as convergence_main  # noqa: E402
 from benchmarks.convergence import score_at, steps_to_reach  # noqa: E402
-from benchmarks.loop import _OperatorCount  # noqa: E402
 import benchmarks.measure as measure  # noqa: E402
-from benchmarks.measure import PeakMemory, count_flops, memory_method, time_call  # noqa: E402
+from benchmarks.measure import OperatorCount, PeakMemory, count_flops, memory_method, time_call  # noqa: E402
 from benchmarks.peer_dit import REFERENCE, VARIANTS, Variant, measure_variant, switch_variants  # noqa: E402
 from benchmarks.peer_models import PeerConfig  # noqa: E402
 from benchmarks.peer_pixart import DEFAULT_CONDITION_DIM  # noqa: E402
@@ -37,6 +36,7 @@ from benchmarks.peer_suite import ScalingConfig  # noqa: E402
 from benchmarks.peer_why import COMPILED_GRAPH, kernel_profiling, op_name, self_time_by_op, top_difference  # noqa: E402
 import benchmarks.report as report  # noqa: E402
 from benchmarks.report import machine_slug  # noqa: E402
+from benchmarks import step_parts  # noqa: E402
 from benchmarks.row_guard import RowLimits, RowTooSlow, StepClock, estimated_step_bytes, precheck  # noqa: E402
 from benchmarks.variants import VariantsConfig, run_variants, variants_markdown  # noqa: E402
 from unizoo.components.backbones.causal_lm import LM_SIZES  # noqa: E402
@@ -220,6 +220,16 @@ def test_the_loop_benchmark_times_both_steps_and_its_log_reads_like_a_run_s(quic
     assert len(row["one_image_times_ms"]) == config["bare_steps"] and row["one_image_step_ms"] > 0
     assert row["eager_ceiling_images_per_s"] == pytest.approx(row["batch"] * 1e3 / row["one_image_step_ms"])
     assert row["operators_per_step"] > 100 and row["views_per_step"] > 0  # a DiT, an LM and a VAE encoder, forward and back
+    # Where the step's time goes, part by part, on one image and on the batch: the parts of the generation
+    # loss run apart, their operators adding up to the bare step's and a little more (their own seed gradients).
+    parts = {p["part"]: p for p in row["step_parts"]}
+    assert list(parts) == [step_parts.ENCODE, step_parts.TOKENIZE, step_parts.CONDITIONING, step_parts.GENERATOR,
+                           step_parts.OPTIMISER]
+    assert parts[step_parts.TOKENIZE]["operators"] == 0  # host work alone: it launches nothing
+    assert all(p["operators"] > 0 for name, p in parts.items() if name != step_parts.TOKENIZE)
+    assert row["operators_per_step"] <= sum(p["operators"] for p in parts.values()) <= 1.2 * row["operators_per_step"]
+    assert all(p["one_image_ms"] > 0 and p["batch_ms"] > 0 for p in parts.values())
+    assert "| sum of the parts |" in (quick_run["folder"] / "loop-quick.md").read_text()
     # The whole step's items carry their indices, as in `unizoo train`: the memo kept each item its steps drew.
     assert row["memo_items_kept"] == (config["warmup"] + config["steps"]) * row["batch"] and row["memo_items_read"] == 0
     # What `unizoo train` filters, the benchmark's log does not carry either.
@@ -229,11 +239,11 @@ def test_the_loop_benchmark_times_both_steps_and_its_log_reads_like_a_run_s(quic
 
 def test_the_operator_count_counts_kernels_and_views_apart():
     a, b = torch.randn(4, 3, requires_grad=True), torch.randn(3, 5)
-    forward = _OperatorCount()
+    forward = OperatorCount()
     with forward:
         product = torch.mm(a, b).t()  # one matrix product, one transpose: a new header on the same storage
     assert (forward.operators, forward.views) == (1, 1)
-    backward = _OperatorCount()
+    backward = OperatorCount()
     with backward:
         product.sum().backward()  # the sum, the seed gradient, and the product's own backward (a matrix product)
     assert backward.operators >= 3 and backward.views >= 1

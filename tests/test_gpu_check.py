@@ -101,8 +101,12 @@ def _results(tmp_path: Path, first_run_status: str = "ok") -> Path:
                                                                   "images_per_s_after_compile": 38000.0}},
                "generation": {"generation": {"overall": 0.55}}}
     (results / "gpu_check" / "first_run" / "metrics.json").write_text(json.dumps(metrics))
-    loop = {"rows": [{"overhead": 0.052, "bare_images_per_s": 9100.0, "eager_ceiling_images_per_s": 9800.0,
-                      "operators_per_step": 1367, "generator_compiled": False}]}
+    parts = [{"part": "the encoder", "operators": 111, "one_image_ms": 0.9, "batch_ms": 1.0},
+             {"part": "the tokenizer", "operators": 0, "one_image_ms": 0.05, "batch_ms": 0.6},
+             {"part": "the generator", "operators": 917, "one_image_ms": 4.1, "batch_ms": 4.2}]
+    loop = {"rows": [{"overhead": 0.052, "overhead_low": 0.031, "overhead_high": 0.094, "bare_images_per_s": 9100.0,
+                      "eager_ceiling_images_per_s": 9800.0, "operators_per_step": 1367, "generator_compiled": False,
+                      "step_parts": parts}]}
     (results / "loop.json").write_text(json.dumps(loop))
     return results
 
@@ -126,9 +130,12 @@ def test_the_summary_holds_each_measured_target_and_reports_missing_ones(tmp_pat
     assert ("| the same stage's images/s over its whole wall clock, the compile included | >= 10000 | 7,500 | **no** |"
             in markdown)
     assert "| unizoo at DiT-XL/2, batch 256, bf16: MFU of the measured matmul peak | >= 0.4 | missing (its step did not finish) | – |" in markdown
-    assert ("- default recipe's step (`loop.md`, the generator eager): bare step 9,100 images/s, loop overhead 5.2%; "
-            "1367 operators per eager step; the step on one image allows at most 9,800 images/s (batch / the bare step "
-            "on one image)") in markdown
+    assert ("- default recipe's step (`loop.md`, the generator eager): bare step 9,100 images/s, loop overhead 5.2% "
+            "(blocks 3.1% to 9.4%); 1367 operators per eager step; the step on one image allows at most 9,800 images/s "
+            "(batch / the bare step on one image)\n") in markdown
+    # Which part pays the host's cost, costliest first on one image.
+    assert ("- its parts on one image, costliest first: the generator 4.10 ms (917 operators); the encoder 0.90 ms "
+            "(111 operators); the tokenizer 0.05 ms (0 operators)") in markdown
     (results / "loop.json").unlink()  # the loop step did not finish
     assert gpu_summary.main([str(results)]) == 0
     assert "- default recipe's step (`loop.md`): missing (its step did not finish)" in (results / "gpu_check.md").read_text()
