@@ -12,8 +12,8 @@
 #   1. the cuda-marked tests                                                  (60 s)
 #   2. the default `unizoo train` on the GPU from an empty cache, timed       (120 s)
 #   3. the default recipe's bare step against the whole Lightning step, and
-#      what the host pays per step (operators, the step on one image), with
-#      the generator eager: step 2 measures it compiled (`compile: auto`)    (40 s)
+#      what the host pays per step (operators, the step on one image, each
+#      part's share), eager: step 2 trains compiled (`compile: auto`)        (40 s)
 #   4. the attention backends                                                 (45 s)
 #   5. unizoo vs diffusers' DiT at DiT-S/2, batch 256, bf16, every switch     (65 s)
 #   6. the same at DiT-XL/2                                                   (120 s)
@@ -65,8 +65,8 @@ rm -rf "$SCRATCH"
 # Whether the generation stage's images/s is bound by the loop, the model's kernels or the host's dispatching.
 # 300 whole steps, not the benchmark's 500, to fit its limit: the window then holds none of the recipe's
 # checkpoints or validations (every 500 steps), so its overhead is the per-step loop's alone, a little below
-# what the CPU tables (500 steps, one of each) include. The generator runs eager here (compile=false): the
-# first run above trained it compiled (`compile: auto` on CUDA), so the check holds both, and this step
+# what the CPU tables (500 steps, one of each) include. The generator and the language model run eager here
+# (compile=false): the first run above trained them compiled (`compile: auto` on CUDA), so the check holds both, and this step
 # has no compile time to fit in its limit. 50 bare steps, not 100, for the same limit: the benchmark times
 # them beside the one-image step and again between the whole steps' blocks.
 step loop 40 python -m benchmarks.run loop --device cuda --loop-steps 300 --repeats 50 --loop-override compile=false --out "$OUT_ROOT"

@@ -20,7 +20,7 @@ TARGETS = {
     # Read as the rate the stage trains at: a compile is paid once per process, and the first-run line bounds
     # it; the stage's wall clock with the compile in it is the next row, held to the same goal, for comparison.
     "generation_images_per_s": (">=", 10_000, "the default recipe's generation stage, images/s while it trains "
-                                "(after its generator's compile, where it compiled)"),
+                                "(after its compile, where it compiled)"),
     "generation_images_per_s_with_compile": (">=", 10_000, "the same stage's images/s over its whole wall clock, "
                                              "the compile included"),
     "first_run_s": ("<=", 90, "a first `unizoo train` with an empty cache, seconds"),
@@ -96,7 +96,7 @@ def _loop_line(values: dict) -> str:
     generator = "compiled" if values.get("loop_generator_compiled") else "eager"
     blocks = ("" if values.get("loop_overhead_low") is None else
               f" (blocks {100 * values['loop_overhead_low']:.1f}% to {100 * values['loop_overhead_high']:.1f}%)")
-    line = (f"- default recipe's step (`loop.md`, the generator {generator}): bare step "
+    line = (f"- default recipe's step (`loop.md`, the generator and language model {generator}): bare step "
             f"{values['loop_bare_images_per_s']:,.0f} images/s, loop overhead {100 * values['loop_overhead']:.1f}%{blocks}; "
             f"{values['loop_operators_per_step']} operators per eager step; the step on one image allows at most "
             f"{values['loop_eager_ceiling_images_per_s']:,.0f} images/s (batch / the bare step on one image)")
@@ -108,10 +108,10 @@ def _loop_line(values: dict) -> str:
 
 
 def _compile_line(values: dict) -> str:
-    """Whether the first run's generator was compiled, and its stage's rate with and without the compilation."""
+    """Whether the first run's generator and language model were compiled, and the stage's rate with and without that."""
     if values.get("generation_compile_s") is None:
-        return "- first run's generator: eager (no compile time in its metrics.json)"
-    return (f"- first run's generator: compiled in {values['generation_compile_s']:.1f} s; its stage trained at "
+        return "- first run's generator and language model: eager (no compile time in its metrics.json)"
+    return (f"- first run's generator and language model: compiled in {values['generation_compile_s']:.1f} s; its stage trained at "
             f"{values['generation_images_per_s']:,.0f} images/s after that, "
             f"{values['generation_images_per_s_with_compile']:,.0f} images/s over its wall clock with the compile")
 

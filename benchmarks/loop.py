@@ -16,8 +16,9 @@
   steps of a real stage).
 
 Both start from the same freshly built model (random weights: the work per step is the
-same; nothing is pretrained), and both run the generator as the recipe's `compile` says
-(compiled on CUDA by default; `--loop-override compile=false` measures it eager). The whole
+same; nothing is pretrained), and both run the generator and the backbone's language model as
+the recipe's `compile` says (compiled on CUDA by default; `--loop-override compile=false`
+measures them eager; the row's `generator_compiled` says which). The whole
 steps are timed in `blocks`, and the bare steps run before, between and after them in the
 same fit, so that each block is compared with bare steps of the same minutes (`_Interleaved`).
 Overhead = whole step time / bare step time - 1, with the blocks' lowest and highest. Where
@@ -227,12 +228,13 @@ def run_loop(cfg: LoopConfig, device: torch.device, peaks: dict, progress=print)
         (stage,) = instantiate(recipe.strategy).stages
         model.set_stage(stage)
         bare_model = copy.deepcopy(model).to(device).train()
-        # The bare step runs the generator as the stage's trainer will (`compile`: compiled on CUDA by
-        # default), so the overhead compares like with like.
+        # The bare step runs the generator and the language model as the stage's trainer will (`compile`:
+        # compiled on CUDA by default), so the overhead compares like with like.
         compiled, why = compilation.resolve_compile(OmegaConf.select(recipe, "compile", default=compilation.AUTO), device)
-        progress(f"loop: generator {'compiled' if compiled else 'eager'} ({why})")
+        progress(f"loop: generator and language model {'compiled' if compiled else 'eager'} ({why})")
         if compiled:
-            compilation.CompiledCall(bare_model.generator, "the bare step's generator", backend=compilation.BACKEND).on()
+            for what, module in compilation.compiled_modules(bare_model).items():
+                compilation.CompiledCall(module, f"the bare step's {what.removeprefix('the ')}", backend=compilation.BACKEND).on()
         images = fixed_batch(recipe, device)
         bare_alone = bare_step_ms(bare_model, recipe, images, device, cfg)
         one_image = bare_step_ms(bare_model, recipe, first_items(images, 1), device, cfg)
@@ -297,7 +299,7 @@ def loop_markdown(result: dict, peaks: dict) -> str:
         _fmt(r["bare_images_per_s"], 1), _fmt(r["whole_images_per_s"], 1), _fmt(r["overhead"], percent=True) + _range(r),
         _fmt(r["loader_ms"], 2), _fmt(r["ema_update_ms"], 2),
     ] for r in result["rows"]]
-    header = ["device", "precision", "generator (`compile`)", "batch", "bare step (ms)", "whole step (ms)",
+    header = ["device", "precision", "generator and LM (`compile`)", "batch", "bare step (ms)", "whole step (ms)",
               "bare images/s", "whole images/s", "loop overhead", "loader: one batch (ms)", "EMA: one update (ms)"]
     parts = [
         f"### The training loop's cost: {cfg['label']}",
@@ -323,7 +325,7 @@ def loop_markdown(result: dict, peaks: dict) -> str:
             "launch nothing, apart), and the same bare step on the batch's first image only. A step of the whole batch "
             "cannot take less than the one-image step, so batch / one-image step bounds the images/s of this "
             "step on this machine. The bare step here is the one timed beside it, before the whole loop. Where the "
-            "bare step is close to the one-image step, the host's dispatching, not the arithmetic, is the step's cost. The operators are those of the eager step even where the generator is "
+            "bare step is close to the one-image step, the host's dispatching, not the arithmetic, is the step's cost. The operators are those of the eager step even where the generator and language model are "
             "compiled: under a dispatch counter, torch.compile's code runs eager.",
             _table(["device", "operators per step", "views per step", "bare step, one image (ms)",
                     "bare step, batch (ms)", "ceiling: batch / one-image step (images/s)", "bare images/s"],

@@ -18,7 +18,8 @@ as the bare step runs it, on the batch's first image and on the whole batch:
 
 Each is the median of `repeats` synchronised calls (`benchmarks.measure.time_call`) with its
 operators counted once. Run apart, the parts add a little to the step (each backward starts
-from its own seed gradient), so their sum is close to the bare step, not equal to it. Where the generator is compiled (`compile`), its part runs compiled.
+from its own seed gradient), so their sum is close to the bare step, not equal to it. Where
+`compile` compiles the generator and the language model, their parts run compiled.
 """
 
 from __future__ import annotations

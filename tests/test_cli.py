@@ -118,8 +118,9 @@ def test_env_names_versions_devices_and_what_auto_picks(capsys):
         dtype = "bfloat16" if precision == "bf16-mixed" else "float32"
         attention = next(line for line in lines if line.startswith("- attention for the default DiT"))
         assert attention.startswith(f"- attention for the default DiT (64 tokens, head dim 32, {dtype} on cpu): auto -> ")
-        assert ("- the generator while a stage trains it: compile auto -> eager (cpu: compiling the default generator "
-                "took 51 s on a 2-core CPU and pays back after about 3,200 steps (the default stage has 1,500); "
+        assert ("- the generator and the backbone's language model while a stage trains them: compile auto -> eager "
+                "(cpu: compiling the default generator and language model took 81 s on a 2-core CPU and pays back after "
+                "about 2,400 steps (the default stage has 1,500); "
                 "compile=true compiles anyway)") in lines
 
 

@@ -125,12 +125,12 @@ def test_the_summary_holds_each_measured_target_and_reports_missing_ones(tmp_pat
     assert targets["xl_mfu"]["measured"] is None and targets["xl_mfu"]["holds"] is None  # its step timed out
     markdown = (results / "gpu_check.md").read_text()
     assert "| peer_xl | timed out | 120.0 | 120 |" in markdown
-    assert ("- first run's generator: compiled in 12.0 s; its stage trained at 38,000 images/s after that, "
+    assert ("- first run's generator and language model: compiled in 12.0 s; its stage trained at 38,000 images/s after that, "
             "7,500 images/s over its wall clock with the compile") in markdown
     assert ("| the same stage's images/s over its whole wall clock, the compile included | >= 10000 | 7,500 | **no** |"
             in markdown)
     assert "| unizoo at DiT-XL/2, batch 256, bf16: MFU of the measured matmul peak | >= 0.4 | missing (its step did not finish) | – |" in markdown
-    assert ("- default recipe's step (`loop.md`, the generator eager): bare step 9,100 images/s, loop overhead 5.2% "
+    assert ("- default recipe's step (`loop.md`, the generator and language model eager): bare step 9,100 images/s, loop overhead 5.2% "
             "(blocks 3.1% to 9.4%); 1367 operators per eager step; the step on one image allows at most 9,800 images/s "
             "(batch / the bare step on one image)\n") in markdown
     # Which part pays the host's cost, costliest first on one image.

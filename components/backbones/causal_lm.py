@@ -119,6 +119,12 @@ class CausalLMBackbone(nn.Module):
         return self.lm.config.hidden_size
 
     @property
+    def language_model(self) -> nn.Module:
+        """The LM's transformer stack, without its head: every call of the backbone runs through it
+        (what `compile` compiles, unizoo.runtime.compilation)."""
+        return self.lm.base_model
+
+    @property
     def num_queries(self) -> int:
         return self.queries.shape[0]
 

@@ -5,7 +5,7 @@ matter (torch with its CUDA build, Lightning, diffusers, transformers, xformers 
 xformers' kernels load), every device with its bf16 support, and what the default recipe
 resolves to here: the trainer's device and precision, and the attention kernel `auto` takes
 for the default DiT, with the reason (the same probe a run makes), and whether the generator
-trains compiled (`compile`).
+and the backbone's language model train compiled (`compile`).
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def default_choices() -> list[str]:
     where = f"{tokens} tokens, head dim {head_dim}, {str(dtype).removeprefix('torch.')} on {device}"
     lines.append(f"attention for the default DiT ({where}): auto -> {chosen}" + (f" ({reason})" if reason else " (its first choice)"))
     compiled, why = resolve_compile(recipe.compile, device)
-    lines.append(f"the generator while a stage trains it: compile {str(recipe.compile).lower()} -> "
+    lines.append(f"the generator and the backbone's language model while a stage trains them: compile "
+                 f"{str(recipe.compile).lower()} -> "
                  f"{'compiled' if compiled else 'eager'} ({why})")
     return lines
 

@@ -15,6 +15,7 @@ from conftest import TINY_OVERRIDES
 from unizoo.config.composition import compose_recipe
 from unizoo.runtime import compilation
 from unizoo.runtime.compilation import CompiledCall, resolve_compile
+from unizoo.training.build import build_model
 from unizoo.training.train import train
 
 # aot_eager runs the same capture and autograd split as inductor without generating code: the
@@ -26,8 +27,9 @@ def test_auto_compiles_on_cuda_and_not_on_the_cpu():
     compiled, why = resolve_compile("auto", torch.device("cuda"))
     assert compiled and why.startswith("cuda: eager, the step waits on the host launching one kernel per operator")
     compiled, why = resolve_compile("auto", torch.device("cpu"))
-    assert not compiled and why == ("cpu: compiling the default generator took 51 s on a 2-core CPU and pays back after "
-                                    "about 3,200 steps (the default stage has 1,500); compile=true compiles anyway")
+    assert not compiled and why == ("cpu: compiling the default generator and language model took 81 s on a 2-core CPU "
+                                    "and pays back after about 2,400 steps (the default stage has 1,500); compile=true "
+                                    "compiles anyway")
     assert resolve_compile(True, torch.device("cpu")) == (True, "set in the recipe")
     assert resolve_compile(False, torch.device("cuda")) == (False, "set in the recipe")
     with pytest.raises(ValueError, match="compile='sometimes': valid choices: auto, true, false"):
@@ -130,19 +132,25 @@ def _losses(run_dir) -> list[float]:
         return [float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")]
 
 
-def test_a_stage_trains_its_generator_compiled_to_the_losses_of_eager(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("conditioning", ["queries", "layerwise", "joint_attention"])
+def test_a_stage_trains_compiled_to_the_losses_of_eager(conditioning, tmp_path, monkeypatch, caplog):
+    # layerwise and joint_attention read the language model's layers through forward hooks put on for one
+    # call (backbone.hidden_states): the compiled call runs them as eager does.
     monkeypatch.setattr(compilation, "BACKEND", LIGHT_BACKEND)
     runs = {}
     for setting in ("true", "false"):
         recipe = compose_recipe("default", [*TINY_OVERRIDES, f"run_root={tmp_path / setting}", "strategy.steps=4",
-                                            f"compile={setting}"])
+                                            f"compile={setting}", f"conditioning={conditioning}"])
         with caplog.at_level(logging.INFO, logger="unizoo"):
             runs[setting] = train(recipe)
     said = [r.getMessage() for r in caplog.records if r.name == "unizoo.runtime.compilation"]
-    assert said[0] == "compile: true -> the generator compiled for stage generation (set in the recipe)"
-    assert said[1].startswith("compile: the generator compiled in ")
-    assert said[2] == "compile: false -> eager for stage generation (set in the recipe)"
-    assert len(said) == 3  # trainer.val_check_interval=2: validation ran eager, nothing compiled again
+    assert said[0] == ("compile: true -> the generator and the backbone's language model compiled for stage generation "
+                       "(set in the recipe)")
+    # The step runs the language model (the condition) before the generator: each compiles in its first call.
+    assert said[1].startswith("compile: the backbone's language model compiled in ")
+    assert said[2].startswith("compile: the generator compiled in ")
+    assert said[3] == "compile: false -> eager for stage generation (set in the recipe)"
+    assert len(said) == 4  # trainer.val_check_interval=2: validation ran eager, nothing compiled again
     compiled, eager = _losses(runs["true"]), _losses(runs["false"])
     assert len(compiled) == 4
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
@@ -150,6 +158,33 @@ def test_a_stage_trains_its_generator_compiled_to_the_losses_of_eager(tmp_path, 
     assert 0 < throughput["compile_seconds"] < throughput["train_seconds"]
     assert throughput["images_per_s_after_compile"] > throughput["images_per_s"]
     assert "compile_seconds" not in json.loads((runs["false"] / "metrics.json").read_text())["training"]["generation"]
+
+
+def test_captions_of_another_length_compile_the_language_model_once_more_and_then_no_more(caplog):
+    torch._dynamo.reset()
+    model = build_model(compose_recipe("default", TINY_OVERRIDES))
+    backbone = model.backbone.train()
+    words = "a red circle left of a blue square and a green triangle above two yellow squares".split()
+    batches = [[" ".join(words[:length - row % 3]) for row in range(4)] for length in (8, 5, 12, 10, 5)]
+    assert [backbone.tokenize(captions)[0].shape[1] for captions in batches] == [8, 5, 12, 10, 5]
+    eager = [backbone.condition(captions).detach() for captions in batches]
+    backend = _CountingBackend()
+    call = CompiledCall(backbone.language_model, "the backbone's language model", backend=backend)
+    call.on()
+    with caplog.at_level(logging.INFO, logger="unizoo"):
+        for captions, expected in zip(batches, eager, strict=True):
+            condition = backbone.condition(captions)
+            condition.sum().backward()
+            torch.testing.assert_close(condition.detach(), expected)
+    # The first length compiles; the second compiles it again with the length symbolic, which every later length runs.
+    assert backend.graphs == 2 and not call.failed
+    said = [r.getMessage() for r in caplog.records if r.name == "unizoo.runtime.compilation"]
+    assert len(said) == 2 and said[0].startswith("compile: the backbone's language model compiled in ")
+    assert said[1].startswith("compile: the backbone's language model compiled again in ")
+    assert said[1].endswith(" s (inputs of another shape; from here on it reads their sizes as variables)")
+    seconds = [float(line.split(" in ")[1].split(" s ")[0]) for line in said]
+    assert call.compile_seconds == pytest.approx(sum(seconds), abs=0.1)  # both compiles are the stage's compile time
+    call.off()
 
 
 def _architecture(depth: int) -> nn.Module:

@@ -65,8 +65,9 @@ def test_progress_lines_go_where_the_bar_would_be_and_to_train_log(run_to_a_file
 
 def test_the_log_says_the_generator_trains_eager_on_the_cpu_and_why(run_to_a_file):
     run_dir, _, stderr = run_to_a_file
-    line = ("[unizoo] compile: auto -> eager for stage generation (cpu: compiling the default generator took 51 s on a "
-            "2-core CPU and pays back after about 3,200 steps (the default stage has 1,500); compile=true compiles anyway)")
+    line = ("[unizoo] compile: auto -> eager for stage generation (cpu: compiling the default generator and language model "
+            "took 81 s on a 2-core CPU and pays back after about 2,400 steps (the default stage has 1,500); compile=true "
+            "compiles anyway)")
     assert line in stderr.splitlines()
     assert line.removeprefix("[unizoo] ") in (run_dir / "train.log").read_text()
 

@@ -1,29 +1,37 @@
-"""`compile`: the generator's training step through `torch.compile` where it pays, and never a crash because of it.
+"""`compile`: the training calls of a generation stage through `torch.compile` where it pays, and never a crash because of it.
 
 * `compile: auto` (the default) compiles on CUDA and not on the CPU. On a GPU the default
   recipe's eager step waits on the host dispatching each of its ~1,400 operators (README,
-  "What the host pays per step"), whatever the GPU computes; compiled, the generator's forward
-  and backward are a few fused kernels each. On a 2-core Xeon, compiling the default
-  generator took 51 s and saved 16 ms of a 245 ms step, so it pays back after about 3,200
-  steps where the default stage has 1,500 (benchmarks/results/cpu-*/first_run.md).
+  "What the host pays per step"), whatever the GPU computes; compiled, a module's forward
+  and backward are a few fused kernels each. On a 2-core Xeon, with an empty inductor cache,
+  compiling the default generator and language model took 81 s and the stage then stepped in
+  216 ms against eager's 249, so it pays back after about 2,400 steps where the default stage
+  has 1,500 (benchmarks/results/cpu-*/first_run.md).
   `true` and `false` decide it on any device.
-* Only the generator, and only its training calls while a stage trains it. Its inputs have
-  the same shapes at every step (the representation's tokens, the conditioning's tokens), so
-  it compiles once; the backbone reads captions whose length varies from batch to batch.
-  Calls without gradients (validation, evaluation inside the stage) run eager, and so does
-  everything after the stage: the generator is restored when it ends.
-* The module is compiled in place (what `nn.Module.compile` does), so parameter names, and
-  with them checkpoints, the EMA and sharding, are the same as eager.
+* What compiles (`compiled_modules`), in a stage that trains the generator: the generator
+  (852 of the step's 1,367 operators on the 2-core Xeon, benchmarks/step_parts.py), whose
+  inputs have the same shapes at every step, so it compiles once; and the backbone's
+  language model (433), which the conditioning runs on the captions. Their length is the
+  batch's longest caption: a batch of another length compiles it once more, with the length
+  symbolic (dynamo's automatic dynamic shapes), and every later length runs that graph. The
+  tokenizer, the frozen encoder, the loss and the optimiser stay eager.
+* Only their training calls, while the stage trains. Calls without gradients (validation,
+  evaluation inside the stage) run eager, and so does everything after the stage: each
+  module is restored when it ends.
+* A module is compiled in place (what `nn.Module.compile` does), so parameter names, and
+  with them checkpoints, the EMA and sharding, are the same as eager. Forward hooks a caller
+  puts on its layers for one call (`conditioning: layerwise` reads every layer's states so)
+  run in the compiled call as in eager.
 * A compile that fails (no C++ compiler, a Triton that does not match torch, an operator the
-  backend cannot lower) falls back to eager for the rest of the stage, with one log line
-  saying why. The backward graph is lowered together with the forward
+  backend cannot lower) falls back to eager for that module for the rest of the stage, with
+  one log line saying why. The backward graph is lowered together with the forward
   (`force_non_lazy_backward_lowering`), so its failure is caught the same way, in the
   forward call, instead of inside Lightning's backward.
 * Every module compiled this way shares one entry point in dynamo's cache, which by default
   keeps 8 compiled variants and then runs further ones eager without an error. Compiling
-  here allows one variant per generator architecture up to `ARCHITECTURES_PER_PROCESS` (a
-  process that trains many variants, e.g. tests or a notebook looping over recipes), and
-  past that the limit is a compile failure like any other: eager, with the log line.
+  here allows up to `ARCHITECTURES_PER_PROCESS` variants (a process that trains many
+  recipes, e.g. tests or a notebook looping over them, compiles two or three per recipe),
+  and past that the limit is a compile failure like any other: eager, with the log line.
 """
 
 from __future__ import annotations
@@ -37,19 +45,25 @@ import lightning as L
 import torch
 from torch import nn
 from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
+from torch._dynamo.utils import counters
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
 BACKEND = "inductor"  # torch.compile's default; tests substitute lighter ones
-# Compiled variants dynamo keeps for the entry point every compiled module shares: one per generator
-# architecture (a stage's shapes are fixed, so one architecture compiles once), where torch's default is 8.
+# Compiled variants dynamo keeps for the entry point every compiled module shares, where torch's default is 8:
+# a recipe compiles its generator once and its language model once or twice (a second caption length).
 ARCHITECTURES_PER_PROCESS = 64
 
 
 def compile_seconds(trainer: L.Trainer) -> float | None:
-    """How long the stage `trainer` fitted spent compiling the generator; None where it ran eager."""
-    return next((c.compile_seconds for c in trainer.callbacks if isinstance(c, CompiledGenerator)), None)
+    """How long the stage `trainer` fitted spent in its modules' first, compiling calls; None where nothing compiled."""
+    return next((c.compile_seconds for c in trainer.callbacks if isinstance(c, CompiledStage)), None)
+
+
+def compiled_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """What `compile` compiles in a stage that trains the generator, by the name the log gives it."""
+    return {"the generator": model.generator, "the backbone's language model": model.backbone.language_model}
 
 
 def resolve_compile(setting: Any, device: torch.device) -> tuple[bool, str]:
@@ -60,9 +74,9 @@ def resolve_compile(setting: Any, device: torch.device) -> tuple[bool, str]:
         raise ValueError(f"compile={setting!r}: valid choices: auto, true, false")
     if device.type == "cuda":
         return True, ("cuda: eager, the step waits on the host launching one kernel per operator; compiled, the "
-                      "generator's forward and backward are a few fused kernels")
-    return False, (f"{device.type}: compiling the default generator took 51 s on a 2-core CPU and pays back after "
-                   "about 3,200 steps (the default stage has 1,500); compile=true compiles anyway")
+                      "generator's and the language model's forward and backward are a few fused kernels each")
+    return False, (f"{device.type}: compiling the default generator and language model took 81 s on a 2-core CPU "
+                   "and pays back after about 2,400 steps (the default stage has 1,500); compile=true compiles anyway")
 
 
 def _backward_lowered_with_forward() -> contextlib.AbstractContextManager:
@@ -81,6 +95,11 @@ def _room_for_every_architecture() -> contextlib.AbstractContextManager:
 
 def _variants_kept() -> int:
     return max(torch._dynamo.config.recompile_limit, ARCHITECTURES_PER_PROCESS)
+
+
+def _graphs_captured() -> int:
+    """Graphs dynamo has captured in this process so far: a call that raises the count compiled."""
+    return counters["stats"]["unique_graphs"]
 
 
 def _why(error: BaseException) -> str:
@@ -124,6 +143,7 @@ class CompiledCall:
             return self.module._call_impl(*args, **kwargs)
         started = time.perf_counter()
         first = self.compile_seconds is None
+        graphs = _graphs_captured()
         try:
             with _backward_lowered_with_forward(), _room_for_every_architecture():
                 output = self.compiled(*args, **kwargs)
@@ -136,34 +156,42 @@ class CompiledCall:
             self.off()
             log.warning("compile: %s could not be compiled (%s); it runs eager from here on", self.what, _why(error))
             return self.module._call_impl(*args, **kwargs)
+        seconds = time.perf_counter() - started
         if first:
-            self.compile_seconds = time.perf_counter() - started
-            log.info("compile: %s compiled in %.1f s (its first training step, forward and backward)", self.what,
-                     self.compile_seconds)
+            self.compile_seconds = seconds
+            log.info("compile: %s compiled in %.1f s (its first training step, forward and backward)", self.what, seconds)
+        elif _graphs_captured() > graphs:  # inputs of another shape (a caption length): counted as compile time too
+            self.compile_seconds += seconds
+            log.info("compile: %s compiled again in %.1f s (inputs of another shape; from here on it reads their sizes "
+                     "as variables)", self.what, seconds)
         return output
 
 
-class CompiledGenerator(L.Callback):
-    """While a stage trains, the generator runs compiled when `compile` says so (see the module's docstring)."""
+class CompiledStage(L.Callback):
+    """While a stage trains, its `compiled_modules` run compiled when `compile` says so (see the module's docstring)."""
 
     def __init__(self, setting: Any, stage: str) -> None:
         self.setting, self.stage = setting, stage
-        self.call: CompiledCall | None = None
+        self.calls: list[CompiledCall] = []
         self.compile_seconds: float | None = None  # the stage's compilation, once it ran; for metrics.json
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         enabled, why = resolve_compile(self.setting, pl_module.device)
+        modules = compiled_modules(pl_module)
         log.info("compile: %s -> %s for stage %s (%s)", str(self.setting).lower(),
-                 "the generator compiled" if enabled else "eager", self.stage, why)
+                 " and ".join(modules) + " compiled" if enabled else "eager", self.stage, why)
         if enabled:
-            self.call = CompiledCall(pl_module.generator, "the generator", backend=BACKEND)
-            self.call.on()
+            self.calls = [CompiledCall(module, what, backend=BACKEND) for what, module in modules.items()]
+            for call in self.calls:
+                call.on()
 
     def _restore(self) -> None:
-        if self.call is not None:
-            self.call.off()
-            self.compile_seconds = self.call.compile_seconds
-            self.call = None
+        if self.calls:
+            for call in self.calls:
+                call.off()
+            seconds = [call.compile_seconds for call in self.calls if call.compile_seconds is not None]
+            self.compile_seconds = sum(seconds) if seconds else None
+            self.calls = []
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()

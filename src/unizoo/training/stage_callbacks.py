@@ -5,7 +5,8 @@
 * per-step seeding of the RNGs, so a resumed step draws what the uninterrupted one drew;
 * a stop on non-finite losses, before they reach the weights;
 * the generator's EMA (`ema.decay`), in stages that train the generator;
-* the generator compiled while such a stage trains, where `compile` says so (unizoo.runtime.compilation);
+* the generator and the backbone's language model compiled while such a stage trains, where `compile`
+  says so (unizoo.runtime.compilation);
 * fault injection (`debug.*`), for tests.
 """
 
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from unizoo.components.strategies.stages import Stage
 from unizoo.errors import RecipeError
-from unizoo.runtime.compilation import AUTO, CompiledGenerator
+from unizoo.runtime.compilation import AUTO, CompiledStage
 from unizoo.runtime.progress import LossBar, PlainProgress
 from unizoo.training.checkpoints import AtomicCheckpointIO, periodic_checkpoint, readable
 from unizoo.training.ema import GeneratorEMA
@@ -45,7 +46,7 @@ def stage_callbacks(recipe: DictConfig, stage: Stage, stages: list[Stage], run_d
     ]
     if "generator" in stage.trainable:
         callbacks.append(GeneratorEMA())  # a no-op when the recipe has no EMA (ema.decay: null)
-        callbacks.append(CompiledGenerator(OmegaConf.select(recipe, "compile", default=AUTO), stage.name))
+        callbacks.append(CompiledStage(OmegaConf.select(recipe, "compile", default=AUTO), stage.name))
     return callbacks
 
 
