@@ -181,7 +181,7 @@ def test_captions_of_another_length_compile_the_language_model_once_more_and_the
     said = [r.getMessage() for r in caplog.records if r.name == "unizoo.runtime.compilation"]
     assert len(said) == 2 and said[0].startswith("compile: the backbone's language model compiled in ")
     assert said[1].startswith("compile: the backbone's language model compiled again in ")
-    assert said[1].endswith(" s (inputs of another shape; from here on it reads their sizes as variables)")
+    assert said[1].endswith(" s (a training call whose inputs differ in shape or kind from those it compiled for)")
     seconds = [float(line.split(" in ")[1].split(" s ")[0]) for line in said]
     assert call.compile_seconds == pytest.approx(sum(seconds), abs=0.1)  # both compiles are the stage's compile time
     call.off()

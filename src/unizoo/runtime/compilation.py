@@ -11,10 +11,11 @@
 * What compiles (`compiled_modules`), in a stage that trains the generator: the generator
   (852 of the step's 1,367 operators on the 2-core Xeon, benchmarks/step_parts.py), whose
   inputs have the same shapes at every step, so it compiles once; and the backbone's
-  language model (433), which the conditioning runs on the captions. Their length is the
-  batch's longest caption: a batch of another length compiles it once more, with the length
-  symbolic (dynamo's automatic dynamic shapes), and every later length runs that graph. The
-  tokenizer, the frozen encoder, the loss and the optimiser stay eager.
+  language model (433), which the conditioning runs on the captions. Its input is as long as
+  the batch's longest caption: a batch of another length compiles it once more, with the
+  length symbolic (dynamo's automatic dynamic shapes), and every later length runs that graph.
+  Each compiling call is logged and counted in `compile_seconds`. The tokenizer, the frozen
+  encoder, the loss and the optimiser stay eager.
 * Only their training calls, while the stage trains. Calls without gradients (validation,
   evaluation inside the stage) run eager, and so does everything after the stage: each
   module is restored when it ends.
@@ -57,7 +58,8 @@ ARCHITECTURES_PER_PROCESS = 64
 
 
 def compile_seconds(trainer: L.Trainer) -> float | None:
-    """How long the stage `trainer` fitted spent in its modules' first, compiling calls; None where nothing compiled."""
+    """How long the stage `trainer` fitted spent in its modules' compiling calls (the first, and any that compiled
+    again); None where nothing compiled."""
     return next((c.compile_seconds for c in trainer.callbacks if isinstance(c, CompiledStage)), None)
 
 
@@ -160,10 +162,10 @@ class CompiledCall:
         if first:
             self.compile_seconds = seconds
             log.info("compile: %s compiled in %.1f s (its first training step, forward and backward)", self.what, seconds)
-        elif _graphs_captured() > graphs:  # inputs of another shape (a caption length): counted as compile time too
+        elif _graphs_captured() > graphs:  # e.g. captions of another length: counted as compile time too
             self.compile_seconds += seconds
-            log.info("compile: %s compiled again in %.1f s (inputs of another shape; from here on it reads their sizes "
-                     "as variables)", self.what, seconds)
+            log.info("compile: %s compiled again in %.1f s (a training call whose inputs differ in shape or kind from "
+                     "those it compiled for)", self.what, seconds)
         return output
 
 
