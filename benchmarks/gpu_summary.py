@@ -100,7 +100,7 @@ def _loop_line(values: dict) -> str:
             f"{values['loop_bare_images_per_s']:,.0f} images/s, loop overhead {100 * values['loop_overhead']:.1f}%{blocks}; "
             f"{values['loop_operators_per_step']} operators per eager step; the step on one image allows at most "
             f"{values['loop_eager_ceiling_images_per_s']:,.0f} images/s (batch / the bare step on one image)")
-    parts = sorted(values.get("loop_step_parts") or [], key=lambda p: p["one_image_ms"], reverse=True)
+    parts = sorted(values["loop_step_parts"], key=lambda p: p["one_image_ms"], reverse=True)
     if parts:  # which part pays the host's cost: what compiling it (or moving it off the main thread) would buy
         line += "\n- its parts on one image, costliest first: " + "; ".join(
             f"{p['part']} {p['one_image_ms']:.2f} ms ({p['operators']} operators)" for p in parts)

@@ -55,14 +55,13 @@ from unizoo.data.target_memo import index_training_items
 from unizoo.runtime import compilation
 from unizoo.runtime.fabric import loops_on
 from unizoo.runtime.library_chatter import quiet_library_chatter
-from unizoo.runtime.precision import compute_dtype
 from unizoo.training.build import build_model
 from unizoo.training.ema import update_average
 from unizoo.training.run_loggers import logger_factory
 from unizoo.training.stage_callbacks import stage_trainer
 
 from .measure import OperatorCount, synchronize, time_call
-from .step_parts import step_parts
+from .step_parts import clip_and_step, step_parts, trainer_autocast
 from .report import MARKDOWN, _fmt, _table, peaks_markdown
 from .cached_targets import QUICK_OVERRIDES
 
@@ -149,19 +148,15 @@ def first_items(batch: dict, items: int) -> dict:
 def _bare_stepper(model, recipe):
     """A function running one bare step of `model` on a batch: losses under autocast, backward, clipping, optimiser."""
     optimizer = model.optimizer_factory([p for p in model.parameters() if p.requires_grad])
-    dtype = compute_dtype(recipe.trainer.precision)
-    clip = recipe.trainer.get("gradient_clip_val")
     device_type = next(model.parameters()).device.type
 
     def step(batch: dict) -> None:
-        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+        with trainer_autocast(recipe, device_type):
             losses = model.stage_losses(batch)
             total = sum(model.stage.losses[name] * value for name, value in losses.items())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
-        optimizer.step()
+        clip_and_step(model, optimizer, recipe)
 
     return step
 

@@ -40,20 +40,32 @@ GENERATOR = "the objective's loss through the generator, forward and backward"
 OPTIMISER = "gradient clipping and the optimiser step"
 
 
+def trainer_autocast(recipe, device_type: str) -> torch.autocast:
+    """Autocast as Lightning applies the recipe's trainer precision (off for fp32)."""
+    dtype = compute_dtype(recipe.trainer.precision)
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def clip_and_step(model, optimizer: torch.optim.Optimizer, recipe) -> None:
+    """Gradient clipping at the trainer's value (where it sets one), then the optimiser step."""
+    clip = recipe.trainer.get("gradient_clip_val")
+    if clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
+    optimizer.step()
+
+
 def _parts(model, recipe, batch: dict) -> dict[str, Callable[[], None]]:
     """The step's parts on `batch`, each a call that runs it once as the bare step runs it."""
-    dtype = compute_dtype(recipe.trainer.precision)
     device_type = batch["image"].device.type
 
     def autocast() -> torch.autocast:
-        return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+        return trainer_autocast(recipe, device_type)
 
     images, captions = batch["image"], batch["caption"]
     with torch.no_grad(), autocast():
         tokens = model.representation.encode(images)
         condition = model.conditioning(model.backbone, captions)
     optimizer = model.optimizer_factory([p for p in model.parameters() if p.requires_grad])
-    clip = recipe.trainer.get("gradient_clip_val")
 
     def encode() -> None:
         with torch.no_grad(), autocast():
@@ -77,9 +89,7 @@ def _parts(model, recipe, batch: dict) -> dict[str, Callable[[], None]]:
         loss.backward()
 
     def optimise() -> None:
-        if clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
-        optimizer.step()
+        clip_and_step(model, optimizer, recipe)
         # Gradients are left in place: the next call steps on them again (set to None, the step would skip them).
 
     return {ENCODE: encode, TOKENIZE: tokenize, CONDITIONING: conditioning, GENERATOR: generator, OPTIMISER: optimise}
