@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 
 from unizoo.config.weights import local_weights
 from unizoo.runtime.fabric import loop_device
+from unizoo.runtime.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,23 @@ def load_causal_lm(pretrained: str | os.PathLike, attn_implementation: str = "sd
         directory=True,
     )
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
+
+
+def lm_attention_mask(lm: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """What the LM's forward takes as `attention_mask` for padding `mask (B, T)` (1 = real token), causal.
+
+    For sdpa the `(B, 1, T, T)` boolean mask, built here on the device: given the 2D mask,
+    transformers first asks whether it may drop the mask for sdpa's `is_causal`, and answers by
+    reading the padding mask on the host (`fast_all` in its masking utilities), a wait for the
+    device at every call of an eager step on a GPU; a 4D mask it takes as it is. It is the mask
+    transformers builds itself, so the numbers are the same. Other implementations keep the 2D
+    mask (eager's additive mask is transformers' to build, and it reads nothing on the host).
+    """
+    if lm.config._attn_implementation != "sdpa":
+        return mask
+    length = mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    return causal & mask.bool()[:, None, None, :]
 
 
 class CausalLMBackbone(nn.Module):
@@ -150,7 +168,8 @@ class CausalLMBackbone(nn.Module):
             list(captions), padding=True, truncation=True, max_length=self.max_caption_tokens, return_tensors="pt"
         )
         device = self.queries.device
-        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        # Made on the host at every step: queued copies, so the step does not wait for the device here.
+        return to_device(enc["input_ids"], device), to_device(enc["attention_mask"], device)
 
     def _generation_inputs(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The LM's input for generation: caption embeddings then the queries `(B, T, D)`, T = L + Q,
@@ -169,7 +188,10 @@ class CausalLMBackbone(nn.Module):
     def condition(self, captions: list[str]) -> torch.Tensor:
         """Generation condition `(B, Q, D)`: the LM's last hidden states at the query positions."""
         inputs, mask, positions = self._generation_inputs(captions)
-        hidden = self.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
+        # use_cache=False here and in every training pass: one pass reads the whole input, and the key/value
+        # cache transformers builds by default would copy every layer's keys and values for nothing.
+        hidden = self.lm.base_model(inputs_embeds=inputs, attention_mask=lm_attention_mask(self.lm, mask), position_ids=positions,
+                                    use_cache=False).last_hidden_state
         return hidden[:, -self.num_queries :]
 
     def hidden_states(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +212,8 @@ class CausalLMBackbone(nn.Module):
         handles = [layer.register_forward_hook(lambda module, args, out: states.append(out[0] if isinstance(out, tuple) else out))
                    for layer in layers[:-1]]
         try:
-            last = self.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
+            last = self.lm.base_model(inputs_embeds=inputs, attention_mask=lm_attention_mask(self.lm, mask), position_ids=positions,
+                                      use_cache=False).last_hidden_state
         finally:
             for handle in handles:
                 handle.remove()
@@ -239,9 +262,10 @@ class CausalLMBackbone(nn.Module):
             labels[row, num_prefix + skip : num_prefix + len(sequence)] = torch.tensor(sequence[skip:])
             mask[row, : num_prefix + len(sequence)] = 1
         device = prefix.device
-        embeds = torch.cat([prefix, self.lm.get_input_embeddings()(ids.to(device))], dim=1)
+        embeds = torch.cat([prefix, self.lm.get_input_embeddings()(to_device(ids, device))], dim=1)
         # Right padding: positions are plain 0..T-1 and the HF loss shifts labels itself.
-        return self.lm(inputs_embeds=embeds, attention_mask=mask.to(device), labels=labels.to(device)).loss
+        mask = lm_attention_mask(self.lm, to_device(mask, device))
+        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=to_device(labels, device), use_cache=False).loss
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, max_new_tokens: int | None = None) -> list[str]:

@@ -140,3 +140,36 @@ def test_reading_hidden_states_leaves_the_backbone_picklable(backbone):
 
     backbone.hidden_states(["a red circle"])
     assert pickle.loads(pickle.dumps(backbone)).hidden_states(["a red circle"])[0].shape == (1, SMALL["num_hidden_layers"], 3 + 5, 32)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_the_mask_built_on_the_device_gives_transformers_numbers(implementation, monkeypatch):
+    """sdpa is handed its 4D causal mask (transformers would read the 2D one on the host to decide
+    whether to drop it); the condition, every layer's states and the understanding loss are the
+    ones transformers' own mask gives, to the bit. Eager keeps the 2D mask."""
+    import unizoo.components.backbones.causal_lm as causal_lm
+
+    torch.manual_seed(0)
+    reader = CausalLMBackbone(word_level_tokenizer(vocabulary()), num_queries=3, config_overrides=SMALL,
+                              vision_encoder=PixelPatches(), attn_implementation=implementation).eval()
+    assert reader.lm.config._attn_implementation == implementation
+    captions = ["a red circle", "two blue squares above a green triangle", "a circle"]
+    images = torch.randn(3, 3, 32, 32)
+
+    def outputs():
+        with torch.no_grad():
+            return reader.condition(captions), reader.hidden_states(captions)[0], reader.understanding_loss(images, captions)
+
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    built = causal_lm.lm_attention_mask(reader.lm, mask)
+    if implementation == "sdpa":
+        assert built.shape == (2, 1, 3, 3) and built.dtype == torch.bool
+        # Causal, and no real token reads the left padding.
+        assert built[0, 0].tolist() == [[False, False, False], [False, True, False], [False, True, True]]
+        assert built[1, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    else:
+        assert built is mask
+    ours = outputs()
+    monkeypatch.setattr(causal_lm, "lm_attention_mask", lambda lm, mask: mask)  # transformers builds it
+    theirs = outputs()
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))

@@ -29,6 +29,7 @@ import torch
 
 from unizoo.data.with_targets import DatasetView, TrainSplitWrapped, indexable_train_set
 from unizoo.errors import RecipeError
+from unizoo.runtime.transfer import to_device
 
 INDEX = "index"  # the batch key of the items' indices in the training split (a list of ints, on the host)
 MAX_BYTES = 2 * 1024**3  # tokens kept at most: 2 GiB (the default recipe's 50,000 items take 26 MB in bf16)
@@ -96,7 +97,7 @@ class TargetMemo:
         else:
             rows = {}  # position in the batch -> its tokens, fresh ones first (a full memo keeps none of them)
             if missing:
-                new = encode(batch["image"][torch.tensor(missing, device=batch["image"].device)])
+                new = encode(batch["image"][to_device(torch.tensor(missing), batch["image"].device)])
                 self._keep([indices[position] for position in missing], new)
                 rows = dict(zip(missing, new, strict=True))
             tokens = torch.stack([rows[position] if position in rows else self.rows[index]

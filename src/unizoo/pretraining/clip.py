@@ -26,6 +26,7 @@ from unizoo.pretraining.batches import endless
 from unizoo.runtime.fabric import describe, loop_fabric, optimise
 from unizoo.runtime.progress import LoopProgress
 from unizoo.runtime.schedules import warmup_cosine
+from unizoo.runtime.transfer import to_device
 from unizoo.text import word_level_tokenizer
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,9 @@ def preprocess(images: torch.Tensor, image_size: int, mean: Sequence[float], std
     x = (images.float() + 1) / 2
     if x.shape[-2:] != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
-    mean_ = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std_ = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    # Made on the host at every call (a training step's, where CLIP reads the images): queued copies.
+    mean_ = to_device(torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1), x.device)
+    std_ = to_device(torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1), x.device)
     return (x - mean_) / std_
 
 
@@ -113,7 +115,7 @@ def soft_contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
     image_embeds = F.normalize(image_embeds, dim=-1)
     text_embeds = F.normalize(text_embeds, dim=-1)
     logits = logit_scale.exp() * image_embeds @ text_embeds.T  # (B, B): image i vs caption j
-    ids = torch.tensor(_caption_ids(captions), device=logits.device)
+    ids = to_device(torch.tensor(_caption_ids(captions)), logits.device)  # a queued copy: the pretraining step does not wait
     same = (ids[:, None] == ids[None, :]).float()
     targets = same / same.sum(dim=1, keepdim=True)  # symmetric, so it also serves text -> image
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2

@@ -9,9 +9,9 @@
   has 1,500 (benchmarks/results/cpu-*/first_run.md).
   `true` and `false` decide it on any device.
 * What compiles (`compiled_modules`), in a stage that trains the generator: the generator
-  (852 of the step's 1,367 operators on the 2-core Xeon, benchmarks/step_parts.py), whose
+  (852 of the step's 1,359 operators on the 2-core Xeon, benchmarks/step_parts.py), whose
   inputs have the same shapes at every step, so it compiles once; and the backbone's
-  language model (433), which the conditioning runs on the captions. Its input is as long as
+  language model (425), which the conditioning runs on the captions. Its input is as long as
   the batch's longest caption: a batch of another length compiles it once more, with the
   length symbolic (dynamo's automatic dynamic shapes), and every later length runs that graph.
   Each compiling call is logged and counted in `compile_seconds`. The tokenizer, the frozen
