@@ -187,12 +187,14 @@ class CausalLMBackbone(nn.Module):
 
     def condition(self, captions: list[str]) -> torch.Tensor:
         """Generation condition `(B, Q, D)`: the LM's last hidden states at the query positions."""
-        inputs, mask, positions = self._generation_inputs(captions)
+        return self._read_generation_inputs(*self._generation_inputs(captions))[:, -self.num_queries :]
+
+    def _read_generation_inputs(self, inputs: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The language model's last hidden states `(B, T, D)` over what `_generation_inputs` returned."""
         # use_cache=False here and in every training pass: one pass reads the whole input, and the key/value
         # cache transformers builds by default would copy every layer's keys and values for nothing.
-        hidden = self.lm.base_model(inputs_embeds=inputs, attention_mask=lm_attention_mask(self.lm, mask), position_ids=positions,
-                                    use_cache=False).last_hidden_state
-        return hidden[:, -self.num_queries :]
+        return self.lm.base_model(inputs_embeds=inputs, attention_mask=lm_attention_mask(self.lm, mask), position_ids=positions,
+                                  use_cache=False).last_hidden_state
 
     def hidden_states(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer's hidden states over the whole generation input, for deeper conditioning.
@@ -212,8 +214,7 @@ class CausalLMBackbone(nn.Module):
         handles = [layer.register_forward_hook(lambda module, args, out: states.append(out[0] if isinstance(out, tuple) else out))
                    for layer in layers[:-1]]
         try:
-            last = self.lm.base_model(inputs_embeds=inputs, attention_mask=lm_attention_mask(self.lm, mask), position_ids=positions,
-                                      use_cache=False).last_hidden_state
+            last = self._read_generation_inputs(inputs, mask, positions)
         finally:
             for handle in handles:
                 handle.remove()
