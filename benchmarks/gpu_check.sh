@@ -52,7 +52,10 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
     echo "gpu_check: $name: $status" >&2
 }
 
-step tests 60 python -m pytest -q -m cuda -p no:cacheprovider
+# The benchmarks' quick run last, in a second pytest: it is the long one, and a limit reached there still
+# leaves the other tests' results (the step's waits for the device among them). Fails if either fails.
+step tests 60 bash -c 'python -m pytest -q -m cuda -p no:cacheprovider tests --ignore=tests/test_benchmarks.py; tests=$?; \
+    python -m pytest -q -m cuda -p no:cacheprovider tests/test_benchmarks.py && exit $tests'
 
 SCRATCH="$(mktemp -d)"  # an empty cache, and a run directory whose checkpoints stay out of the repository
 step first_run 120 env UNIZOO_CACHE="$SCRATCH/cache" unizoo train trainer.accelerator=gpu "run_dir=$SCRATCH/run" progress_interval=10
