@@ -7,6 +7,7 @@ a semantic (not pixel-exact) generation target, as in BLIP3-o's "CLIP + flow mat
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -99,10 +100,15 @@ def preprocess(images: torch.Tensor, image_size: int, mean: Sequence[float], std
     x = (images.float() + 1) / 2
     if x.shape[-2:] != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
-    # Made on the host at every call (a training step's, where CLIP reads the images): queued copies.
-    mean_ = to_device(torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1), x.device)
-    std_ = to_device(torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1), x.device)
-    return (x - mean_) / std_
+    return (x - _per_channel(tuple(mean), x.device)) / _per_channel(tuple(std), x.device)
+
+
+@functools.cache
+def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """`values` as a float32 `(1, C, 1, 1)` tensor on `device`, made once per process: `preprocess` runs in
+    training steps (CLIP targets, the understanding tower), where making it from host values at every call
+    would copy it to the device at every step."""
+    return to_device(torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1), device)
 
 
 def soft_contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
