@@ -122,11 +122,16 @@ def _cache_keys_per_process() -> tuple[dict[str, str], ...]:
         lines += [f"from unizoo.components.representations.{module} import {cls}",
                   f"keys[{representation!r}] = content_hash({cls}().cache_signature(ShapesDataModule()))"]
     lines.append("print(json.dumps(keys))")
-    return tuple(
-        json.loads(subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, check=True,
-                                  env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip().splitlines()[-1])
-        for seed in (1, 2, 3)
-    )
+    # The three start together: their start-up is mostly imports, which overlap on two cores.
+    processes = [subprocess.Popen([sys.executable, "-c", "\n".join(lines)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, "PYTHONHASHSEED": str(seed)})
+                 for seed in (1, 2, 3)]
+    keys = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        keys.append(json.loads(stdout.strip().splitlines()[-1]))
+    return tuple(keys)
 
 
 def cache_keys_in_fresh_processes(representation: str) -> set[str]:
