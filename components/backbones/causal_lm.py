@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from unizoo.config.weights import local_weights
 from unizoo.runtime.fabric import loop_device
 from unizoo.runtime.transfer import to_device
+from unizoo.text.caption_ids import CaptionIds
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class CausalLMBackbone(nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
         self.max_caption_tokens = max_caption_tokens
+        # The tokenizer's padded batch, each caption encoded once: it runs on the host at every step.
+        self.caption_ids = CaptionIds(tokenizer, max_caption_tokens)
         attn_implementation = attention_implementation(attn_implementation)
         if pretrained is not None:
             self.lm = load_causal_lm(pretrained, attn_implementation)
@@ -164,12 +167,10 @@ class CausalLMBackbone(nn.Module):
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids and attention mask, both `(B, L)`, on the backbone's device."""
-        enc = self.tokenizer(
-            list(captions), padding=True, truncation=True, max_length=self.max_caption_tokens, return_tensors="pt"
-        )
+        ids, mask = self.caption_ids(captions)
         device = self.queries.device
         # Made on the host at every step: queued copies, so the step does not wait for the device here.
-        return to_device(enc["input_ids"], device), to_device(enc["attention_mask"], device)
+        return to_device(ids, device), to_device(mask, device)
 
     def _generation_inputs(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The LM's input for generation: caption embeddings then the queries `(B, T, D)`, T = L + Q,

@@ -1,0 +1,92 @@
+"""Captions as padded ids, each caption encoded once (unizoo.text.caption_ids): the tokenizer's batch to the bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import processors
+
+from unizoo.text import word_level_tokenizer
+from unizoo.text.caption_ids import CaptionIds
+
+WORDS = "a an red green blue circle square triangle above below left of right and two three the".split()
+BATCHES = [
+    ["a red circle", "two green squares above a blue triangle", "a red circle"],  # a repeat, an unknown word
+    ["a red circle", "the", "a blue square left of a green circle and a red triangle below three squares"],  # truncated
+    ["a red circle", "", "A RED CIRCLE"],  # an empty caption; the tokenizer lower-cases
+    ["the"],
+]
+
+
+class CountingTokenizer:
+    """The tokenizer, with the captions of each call it gets recorded."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def __call__(self, captions, **options):
+        self.calls.append(list(captions))
+        return self.tokenizer(captions, **options)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def padded_by_the_tokenizer(tokenizer, captions, max_length):
+    encoded = tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def with_bos_and_eos(tokenizer):
+    """The word-level tokenizer adding `<bos> ... <eos>` around each caption, as many real LMs' tokenizers do."""
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tokenizer.bos_token_id), (eos, tokenizer.eos_token_id)])
+    return tokenizer
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("special_tokens", [False, True], ids=["plain", "bos_eos"])
+def test_every_batch_equals_the_tokenizers_own_to_the_bit(padding_side, special_tokens):
+    tokenizer = word_level_tokenizer(WORDS)
+    tokenizer.padding_side = padding_side
+    if special_tokens:
+        tokenizer = with_bos_and_eos(tokenizer)
+    caption_ids = CaptionIds(tokenizer, max_length=8)
+    for _ in range(2):  # first encoded, then read from the memo
+        for captions in BATCHES:
+            ids, mask = caption_ids(captions)
+            want_ids, want_mask = padded_by_the_tokenizer(tokenizer, captions, 8)
+            assert ids.dtype == want_ids.dtype == mask.dtype == want_mask.dtype == torch.long
+            assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask), captions
+    # The truncated caption is cut to 8 tokens, special ones included, exactly as in the tokenizer's batch.
+    assert caption_ids(BATCHES[1])[0].shape == (3, 8)
+
+
+def test_each_caption_is_encoded_once():
+    tokenizer = CountingTokenizer(word_level_tokenizer(WORDS))
+    caption_ids = CaptionIds(tokenizer, max_length=8)
+    caption_ids(["a red circle", "the", "a red circle"])
+    caption_ids(["the", "a blue square", "a red circle"])
+    caption_ids(["a blue square", "the"])
+    assert tokenizer.calls == [["a red circle", "the"], ["a blue square"]]
+    assert len(caption_ids) == 3
+
+
+def test_beyond_its_capacity_captions_are_encoded_at_every_call_and_still_exact():
+    tokenizer = CountingTokenizer(word_level_tokenizer(WORDS))
+    caption_ids = CaptionIds(tokenizer, max_length=8, capacity=2)
+    captions = ["a red circle", "the", "a blue square left of a green circle"]
+    for _ in range(2):
+        ids, mask = caption_ids(captions)
+        want_ids, want_mask = padded_by_the_tokenizer(tokenizer.tokenizer, captions, 8)
+        assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask)
+    assert len(caption_ids) == 2
+    assert tokenizer.calls == [captions, ["a blue square left of a green circle"]]
+
+
+def test_a_tokenizer_without_a_padding_token_is_refused_when_the_backbone_is_built():
+    tokenizer = word_level_tokenizer(WORDS)
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match=r"backbone.tokenizer \(\w+\) has no padding token"):
+        CaptionIds(tokenizer, max_length=8)
