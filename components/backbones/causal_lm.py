@@ -101,8 +101,10 @@ class CausalLMBackbone(nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
         self.max_caption_tokens = max_caption_tokens
-        # The tokenizer's padded batch, each caption encoded once: it runs on the host at every step.
+        # Captions as ids, each caption encoded once: the tokenizer runs on the host at every step. The
+        # understanding loss reads them without special tokens (it places BOS and EOS itself).
         self.caption_ids = CaptionIds(tokenizer, max_caption_tokens)
+        self.caption_bodies = CaptionIds(tokenizer, max_caption_tokens, add_special_tokens=False)
         attn_implementation = attention_implementation(attn_implementation)
         if pretrained is not None:
             self.lm = load_causal_lm(pretrained, attn_implementation)
@@ -243,26 +245,29 @@ class CausalLMBackbone(nn.Module):
         features = self.vision_encoder.encode(images)
         return self.projector(features.to(self.projector[0].weight.dtype))
 
-    def _caption_ids(self, captions: list[str]) -> list[list[int]]:
-        """Token ids of each caption with BOS (where the tokenizer has one) and EOS."""
+    def understanding_targets(self, captions: list[str], num_prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the next-token loss reads after `num_prefix` image tokens, on the host, right-padded:
+        the caption ids `(B, L)` (BOS where the tokenizer has one, the caption, EOS), the labels
+        `(B, P + L)` (-100 on the prefix, BOS and padding: never predicted) and the attention mask
+        `(B, P + L)`.
+
+        Built as lists and made tensors once: per-row tensor writes were three operators a caption
+        on the host at every understanding step.
+        """
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        body = self.tokenizer(list(captions), add_special_tokens=False, truncation=True, max_length=self.max_caption_tokens)
-        return [bos + ids + [self.tokenizer.eos_token_id] for ids in body["input_ids"]]
+        sequences = [bos + body + [self.tokenizer.eos_token_id] for body in self.caption_bodies.rows(captions)]
+        length = max(map(len, sequences))
+        skip = len(bos)  # BOS is given, never predicted
+        pad = self.tokenizer.pad_token_id
+        ids = [sequence + [pad] * (length - len(sequence)) for sequence in sequences]
+        labels = [[-100] * (num_prefix + skip) + sequence[skip:] + [-100] * (length - len(sequence)) for sequence in sequences]
+        mask = [[1] * (num_prefix + len(sequence)) + [0] * (length - len(sequence)) for sequence in sequences]
+        return tuple(torch.tensor(rows, dtype=torch.long) for rows in (ids, labels, mask))
 
     def understanding_loss(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Next-token loss of the caption given the image prefix (prefix and BOS are not predicted)."""
         prefix = self.image_prefix(images)
-        batch, num_prefix, _ = prefix.shape
-        sequences = self._caption_ids(captions)
-        length = max(map(len, sequences))
-        ids = torch.full((batch, length), self.tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch, num_prefix + length), -100, dtype=torch.long)
-        mask = torch.zeros(batch, num_prefix + length, dtype=torch.long)
-        skip = int(self.tokenizer.bos_token_id is not None)  # BOS is given, never predicted
-        for row, sequence in enumerate(sequences):
-            ids[row, : len(sequence)] = torch.tensor(sequence)
-            labels[row, num_prefix + skip : num_prefix + len(sequence)] = torch.tensor(sequence[skip:])
-            mask[row, : num_prefix + len(sequence)] = 1
+        ids, labels, mask = self.understanding_targets(captions, num_prefix=prefix.shape[1])
         device = prefix.device
         embeds = torch.cat([prefix, self.lm.get_input_embeddings()(to_device(ids, device))], dim=1)
         # Right padding: positions are plain 0..T-1 and the HF loss shifts labels itself.

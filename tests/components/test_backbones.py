@@ -111,6 +111,38 @@ def test_understanding_loss_learns_to_caption():
     assert reader.eval().caption(images) == captions
 
 
+def understanding_targets_row_by_row(tokenizer, captions, num_prefix, max_length):
+    """The understanding loss's ids, labels and mask as it built them up to f9161e4: a tensor write per row."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    body = tokenizer(list(captions), add_special_tokens=False, truncation=True, max_length=max_length)
+    sequences = [bos + ids + [tokenizer.eos_token_id] for ids in body["input_ids"]]
+    batch, length = len(sequences), max(map(len, sequences))
+    ids = torch.full((batch, length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, num_prefix + length), -100, dtype=torch.long)
+    mask = torch.zeros(batch, num_prefix + length, dtype=torch.long)
+    skip = int(tokenizer.bos_token_id is not None)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        labels[row, num_prefix + skip : num_prefix + len(sequence)] = torch.tensor(sequence[skip:])
+        mask[row, : num_prefix + len(sequence)] = 1
+    return ids, labels, mask
+
+
+@pytest.mark.parametrize("with_bos", [True, False])
+def test_understanding_targets_are_the_row_by_row_ones_to_the_bit(with_bos):
+    tokenizer = word_level_tokenizer(vocabulary())
+    if not with_bos:
+        tokenizer.bos_token = None
+    backbone = CausalLMBackbone(tokenizer, num_queries=2, config_overrides=SMALL, max_caption_tokens=6)
+    batches = [["a red circle", "two green triangles above a blue square", "a red circle"],  # a repeat
+               ["a magenta square left of a cyan circle and two red triangles", "a red circle"]]  # cut to 6 tokens
+    for captions in [*batches, *batches]:  # encoded, then read from the kept ids
+        got = backbone.understanding_targets(captions, num_prefix=4)
+        want = understanding_targets_row_by_row(tokenizer, captions, 4, max_length=6)
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want, strict=True)), captions
+    assert got[0].shape == (2, 6 + 1 + with_bos)  # the cut caption, EOS, BOS where there is one
+
+
 def test_understanding_without_a_vision_encoder_is_a_clear_error(backbone):
     with pytest.raises(RuntimeError, match="vision_encoder"):
         backbone.understanding_loss(torch.zeros(1, 3, 32, 32), ["a red circle"])

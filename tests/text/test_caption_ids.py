@@ -90,3 +90,11 @@ def test_a_tokenizer_without_a_padding_token_is_refused_when_the_backbone_is_bui
     tokenizer.pad_token = None
     with pytest.raises(ValueError, match=r"backbone.tokenizer \(\w+\) has no padding token"):
         CaptionIds(tokenizer, max_length=8)
+
+
+def test_without_special_tokens_the_rows_are_the_tokenizers_own():
+    tokenizer = with_bos_and_eos(word_level_tokenizer(WORDS))
+    caption_ids = CaptionIds(tokenizer, max_length=8, add_special_tokens=False)
+    for captions in [*BATCHES, *BATCHES]:
+        assert caption_ids.rows(captions) == tokenizer(captions, add_special_tokens=False, truncation=True, max_length=8)["input_ids"]
+    assert caption_ids.rows(["a red circle"]) == [[tokenizer.convert_tokens_to_ids(word) for word in ("a", "red", "circle")]]
