@@ -6,6 +6,7 @@ import pytest
 import torch
 from tokenizers import processors
 
+from unizoo.pretraining.clip import clip_tokenizer
 from unizoo.text import word_level_tokenizer
 from unizoo.text.caption_ids import CaptionIds
 
@@ -98,3 +99,21 @@ def test_without_special_tokens_the_rows_are_the_tokenizers_own():
     for captions in [*BATCHES, *BATCHES]:
         assert caption_ids.rows(captions) == tokenizer(captions, add_special_tokens=False, truncation=True, max_length=8)["input_ids"]
     assert caption_ids.rows(["a red circle"]) == [[tokenizer.convert_tokens_to_ids(word) for word in ("a", "red", "circle")]]
+
+
+def test_without_a_max_length_nothing_is_cut_as_clip_pretraining_reads_its_captions():
+    tokenizer = clip_tokenizer(WORDS)  # EOS appended by its post-processor, right padding
+    caption_ids = CaptionIds(tokenizer, max_length=None, owner="the CLIP tokenizer")
+    for captions in [*BATCHES, *BATCHES]:
+        want = tokenizer(captions, padding=True, return_tensors="pt")
+        ids, mask = caption_ids(captions)
+        assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"]), captions
+    assert ids.shape == (1, 2)  # "the" and EOS
+    assert max(map(len, caption_ids.rows(BATCHES[1]))) == 15 + 1  # the long caption whole (15 words), with its EOS
+
+
+def test_the_refusal_names_whose_tokenizer_it_is():
+    tokenizer = word_level_tokenizer(WORDS)
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match=r"^the CLIP tokenizer \(\w+\) has no padding token"):
+        CaptionIds(tokenizer, max_length=None, owner="the CLIP tokenizer")

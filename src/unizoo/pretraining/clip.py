@@ -29,6 +29,7 @@ from unizoo.runtime.progress import LoopProgress
 from unizoo.runtime.schedules import warmup_cosine
 from unizoo.runtime.transfer import to_device
 from unizoo.text import word_level_tokenizer
+from unizoo.text.caption_ids import CaptionIds
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +158,16 @@ def train_clip(
     batches = endless(loader)
     start = time.perf_counter()
     progress = LoopProgress(f"pretraining CLIP ({describe(fabric)})", steps)
+    # Each caption encoded once, not at every step on the host: the same padded ids and mask to the bit.
+    caption_ids = CaptionIds(tokenizer, max_length=None, owner="the CLIP tokenizer")
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
         batch = next(batches)
-        text = fabric.to_device(tokenizer(list(batch["caption"]), padding=True, return_tensors="pt"))
+        input_ids, attention_mask = fabric.to_device(caption_ids(batch["caption"]))
         pixels = preprocess(fabric.to_device(batch["image"]), image_size, CLIP_MEAN, CLIP_STD)
         with fabric.autocast():
             image_embeds = model.get_image_features(pixel_values=pixels).pooler_output
-            text_embeds = model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask).pooler_output
+            text_embeds = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
             loss = soft_contrastive_loss(image_embeds.float(), text_embeds.float(), model.logit_scale, batch["caption"])
         optimise(fabric, optimizer, loss, schedule)
         with torch.no_grad():  # CLIP's cap on the temperature: logits at most 100x cosine

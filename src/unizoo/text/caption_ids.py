@@ -17,7 +17,7 @@ CAPACITY = 16_384
 class CaptionIds:
     """`tokenizer(captions, padding=True, truncation=True, max_length=max_length,
     add_special_tokens=add_special_tokens)`'s ids and attention mask `(B, L)`, equal to them,
-    with each caption encoded once.
+    with each caption encoded once (`max_length=None`: no truncation, as the tokenizer without it).
 
     The backbone reads its captions at every training step on the main thread. A fast
     tokenizer's batch call costs 0.85 ms for 64 short captions on a 2-core Xeon, Python
@@ -27,11 +27,11 @@ class CaptionIds:
     kept per caption give the tokenizer's batch exactly.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, add_special_tokens: bool = True,
-                 capacity: int = CAPACITY) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None, add_special_tokens: bool = True,
+                 capacity: int = CAPACITY, owner: str = "backbone.tokenizer") -> None:
         if tokenizer.pad_token_id is None:
-            raise ValueError(f"backbone.tokenizer ({type(tokenizer).__name__}) has no padding token, and the backbone pads "
-                             "each batch of captions to its longest: give it one (pad_token in its tokenizer_config.json)")
+            raise ValueError(f"{owner} ({type(tokenizer).__name__}) has no padding token, and each batch of captions is "
+                             "padded to its longest: give it one (pad_token in its tokenizer_config.json)")
         self.tokenizer, self.max_length, self.capacity = tokenizer, max_length, capacity
         self.add_special_tokens = add_special_tokens
         self._ids: dict[str, list[int]] = {}
@@ -46,8 +46,8 @@ class CaptionIds:
         new = [caption for caption in dict.fromkeys(captions) if caption not in kept]
         encoded = {}
         if new:
-            encoded = dict(zip(new, self.tokenizer(new, add_special_tokens=self.add_special_tokens, truncation=True,
-                                                   max_length=self.max_length)["input_ids"]))
+            encoded = dict(zip(new, self.tokenizer(new, add_special_tokens=self.add_special_tokens,
+                                                   truncation=self.max_length is not None, max_length=self.max_length)["input_ids"]))
         for caption, ids in encoded.items():
             if len(kept) >= self.capacity:
                 break
