@@ -37,7 +37,7 @@ class CaptionIds:
         self._ids: dict[str, list[int]] = {}
 
     def rows(self, captions: Iterable[str]) -> list[list[int]]:
-        """Each caption's ids, unpadded: `tokenizer(captions, truncation=True, max_length=...)["input_ids"]`.
+        """Each caption's ids, unpadded: the tokenizer's `input_ids` for `captions`, cut to `max_length` where it is given.
 
         The lists are the kept ones: read them, do not change them.
         """
