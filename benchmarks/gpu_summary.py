@@ -1,9 +1,11 @@
 """`python -m benchmarks.gpu_summary RESULTS_DIR`: the GPU check's verdict, from what `benchmarks/gpu_check.sh` wrote.
 
 Reads `gpu_check/steps.tsv` (each step's status and time), the first run's `metrics.json` and the
-peer and variants tables in RESULTS_DIR, and writes `gpu_check.md` and `gpu_check.json` beside them:
-every step, and each GPU target of the project with the measured value and whether it holds. A
-number that is missing (its step failed or ran out of time) is reported as missing, never guessed.
+benchmark tables in RESULTS_DIR, and writes `gpu_check.md` and `gpu_check.json` beside them: every
+step, every row of the tables that did not run, and each GPU target of the project with the measured
+value and whether it holds. A number that is missing (its step failed or ran out of time) is
+reported as missing, never guessed: a table older than the check (`gpu_check/started`), an earlier
+check's left in place by a step that failed, is not read.
 """
 
 from __future__ import annotations
@@ -29,11 +31,71 @@ TARGETS = {
 }
 
 
+# The tables the check's benchmark steps write, in the order they run.
+TABLES = ("loop", "attention", "peer_dit", "peer_dit_xl", "variants")
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def started(results: Path) -> float | None:
+    """When the check began (seconds since the epoch, written by gpu_check.sh); None for a folder without it."""
+    try:
+        return float((results / "gpu_check" / "started").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def table(results: Path, name: str) -> dict | None:
+    """`<name>.json` as this check wrote it; None where it is absent, unreadable, or older than the check."""
+    path = results / f"{name}.json"
+    since = started(results)
+    try:
+        if since is not None and path.stat().st_mtime < since:
+            return None
+    except OSError:
+        return None
+    return _read_json(path)
+
+
+def _row_label(row: dict) -> str:
+    """A row as its table names it: peer and variant rows have a name; attention rows, a backend at a precision and length."""
+    if row.get("name"):
+        return str(row["name"])
+    return " ".join(f"{key} {row[key]}" if key == "seq_len" else str(row[key])
+                    for key in ("backend", "precision", "seq_len") if row.get(key) is not None) or "a row"
+
+
+def rows_not_run(results: Path) -> tuple[list[dict], list[str]]:
+    """The rows of this check's tables that did not run, and the tables it did not write.
+
+    A benchmark records a row that failed or ran out of its time with the reason as the row's status and goes on
+    to the next row, exiting 0: its step then reads "ok" while rows of it did not run. Skipped rows are listed too:
+    the peer benchmark records a switch that raised as "skipped: <error>" (on a CPU, a switch that cannot run
+    there), and on a GPU, where every switch should run, that is what a reader has to see; the other skips say
+    why (xformers not installed, a row estimated past its memory or time). A peer table's failed loss check (the
+    two models' losses not agreeing within its tolerance) is listed as well.
+    """
+    not_run, missing = [], []
+    for name in TABLES:
+        result = table(results, name)
+        if result is None:
+            missing.append(f"{name}.json")
+            continue
+        for row in result.get("rows") or []:
+            status = row.get("status")
+            if status is not None and status != "ok":
+                not_run.append({"table": name, "row": _row_label(row), "status": str(status)})
+        for check in result.get("loss_checks") or []:
+            if not check.get("passed", True):
+                not_run.append({"table": name, "row": str(check.get("variant")),
+                                 "status": f"loss check failed: max rel diff {check.get('max_rel_diff')} "
+                                           f"above its tolerance {check.get('tolerance_rel')}"})
+    return not_run, missing
 
 
 def steps(results: Path) -> list[dict]:
@@ -60,7 +122,7 @@ def measured(results: Path, step_rows: list[dict]) -> dict:
         values["first_run_overall"] = metrics.get("generation", {}).get("generation", {}).get("overall")
     if first_run and first_run["status"] == "ok":
         values["first_run_s"] = first_run["seconds"]  # the whole command, start-up and pretraining included
-    loop = _read_json(results / "loop.json")
+    loop = table(results, "loop")
     if loop and loop.get("rows"):
         row = loop["rows"][0]
         values["loop_overhead"] = row.get("overhead")
@@ -70,7 +132,7 @@ def measured(results: Path, step_rows: list[dict]) -> dict:
         values["loop_eager_ceiling_images_per_s"] = row.get("eager_ceiling_images_per_s")
         values["loop_operators_per_step"] = row.get("operators_per_step")
         values["loop_generator_compiled"] = row.get("generator_compiled")
-    peer = _read_json(results / "peer_dit_xl.json")
+    peer = table(results, "peer_dit_xl")
     if peer and peer.get("best_vs_best"):
         best = peer["best_vs_best"]
         values["xl_mfu"] = (best.get("unizoo") or {}).get("mfu")
@@ -116,7 +178,25 @@ def _compile_line(values: dict) -> str:
             f"{values['generation_images_per_s_with_compile']:,.0f} images/s over its wall clock with the compile")
 
 
-def summary_markdown(step_rows: list[dict], verdict_rows: list[dict], values: dict, machine: str) -> str:
+def _rows_markdown(not_run: list[dict], missing: list[str]) -> str:
+    """The rows of the benchmark tables that did not run, as a table, and the tables this check did not write."""
+    lines = []
+    if not_run:
+        failed = sum(not p["status"].startswith("skipped") for p in not_run)
+        lines.append(f"Rows of the tables that did not run or did not pass: {failed} failed, {len(not_run) - failed} skipped "
+                     "(a benchmark records such a row with its reason and goes on, so its step still reads ok):")
+        lines.append(_table(["table", "row", "status"],
+                            [[p["table"], p["row"], p["status"].replace("|", "/").replace("\n", " ")] for p in not_run]))
+    else:
+        lines.append("Every row of the tables this check wrote ran.")
+    if missing:
+        lines.append("Tables this check did not write (their step failed or ran out of time; an earlier check's, if any, "
+                     "was not read): " + ", ".join(f"`{name}`" for name in missing) + ".")
+    return "\n\n".join(lines)
+
+
+def summary_markdown(step_rows: list[dict], verdict_rows: list[dict], values: dict, machine: str,
+                     not_run: list[dict] = (), missing: list[str] = ()) -> str:
     step_table = _table(["step", "status", "seconds", "limit (s)"],
                         [[r["step"], r["status"], f"{r['seconds']:.1f}", str(r["limit_s"])] for r in step_rows])
 
@@ -138,7 +218,7 @@ def summary_markdown(step_rows: list[dict], verdict_rows: list[dict], values: di
         f"### The GPU check on {machine} (`bash benchmarks/gpu_check.sh`)",
         "Every step ran under its own time limit; logs are in `gpu_check/<step>.log`, tables beside this file "
         "(`loop.md`, `attention.md`, `peer_dit.md`, `peer_dit_xl.md`, `variants.md`).",
-        step_table, target_table, "\n".join(extra),
+        step_table, _rows_markdown(list(not_run), list(missing)), target_table, "\n".join(extra),
     ]) + "\n"
 
 
@@ -151,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     step_rows = steps(results)
     values = measured(results, step_rows)
     verdict_rows = verdicts(values)
-    (results / "gpu_check.json").write_text(json.dumps({"steps": step_rows, "measured": values, "targets": verdict_rows}, indent=2) + "\n")
-    markdown = summary_markdown(step_rows, verdict_rows, values, results.name)
+    not_run, missing = rows_not_run(results)
+    (results / "gpu_check.json").write_text(json.dumps({"steps": step_rows, "rows_not_run": not_run, "tables_not_written": missing,
+                                                        "measured": values, "targets": verdict_rows}, indent=2) + "\n")
+    markdown = summary_markdown(step_rows, verdict_rows, values, results.name, not_run, missing)
     (results / "gpu_check.md").write_text(markdown)
     print(markdown)
     return 0

@@ -37,7 +37,7 @@ _FAKE_PYTHON = """#!/usr/bin/env bash
 case "$*" in
     *"torch.cuda.is_available()"*) exit 0 ;;                      # a GPU is visible
     *machine_slug*) echo cuda-fake-gpu ;;
-    "-m pytest"*) echo "3 passed" ;;
+    "-m pytest"*) echo "python $*" ; echo "3 passed" ;;
     "-m benchmarks.run loop"*) echo "killed at its limit" ; exit 124 ;;   # what `timeout` returns for a step it stopped
     "-m benchmarks.run attention"*) echo "Traceback: no kernel" >&2 ; exit 1 ;;
     "-m benchmarks.run"*) echo "table written" ;;
@@ -62,6 +62,12 @@ def test_the_check_runs_every_step_unattended_and_records_the_failed_ones(tmp_pa
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     out = tmp_path / "results"
+    # An earlier check's files: its logs go, its tables stay (committed ones among them) but are not read as this one's.
+    (out / "cuda-fake-gpu" / "gpu_check" / "first_run").mkdir(parents=True)
+    (out / "cuda-fake-gpu" / "gpu_check" / "first_run" / "samples_generation.png").write_bytes(b"an earlier check's")
+    earlier_xl = out / "cuda-fake-gpu" / "peer_dit_xl.json"
+    earlier_xl.write_text(json.dumps({"rows": [], "best_vs_best": {"unizoo": {"mfu": 0.45}, "peer": {}, "ratio": 1.3}}))
+    os.utime(earlier_xl, (1_700_000_000, 1_700_000_000))
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "OUT": str(out), "REAL_PYTHON": sys.executable,
                                               "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"})
@@ -82,6 +88,13 @@ def test_the_check_runs_every_step_unattended_and_records_the_failed_ones(tmp_pa
     assert targets["generation_images_per_s"]["measured"] == 11000.0  # eager: no compile to leave out
     assert targets["generation_images_per_s_with_compile"]["measured"] == 11000.0
     assert "| attention | failed (exit 1) |" in (out / "cuda-fake-gpu" / "gpu_check.md").read_text()
+    assert not (logs / "first_run" / "samples_generation.png").exists()  # the fake run wrote none: the earlier one is gone
+    assert earlier_xl.is_file() and targets["xl_mfu"]["measured"] is None  # kept, not read: this check wrote no XL table
+    assert "peer_dit_xl.json" in summary["tables_not_written"]
+    # The tests step runs every cuda-marked test but the benchmarks' quick run, which steps 3 to 7 cover at full size.
+    deselected = "tests/test_benchmarks.py::test_quick_run_on_cuda"
+    assert f"--deselect {deselected}" in (logs / "tests.log").read_text()
+    assert "def test_quick_run_on_cuda(" in (ROOT / deselected.split("::")[0]).read_text()  # pytest ignores a stale id
 
 
 def _results(tmp_path: Path, first_run_status: str = "ok") -> Path:
@@ -139,6 +152,43 @@ def test_the_summary_holds_each_measured_target_and_reports_missing_ones(tmp_pat
     (results / "loop.json").unlink()  # the loop step did not finish
     assert gpu_summary.main([str(results)]) == 0
     assert "- default recipe's step (`loop.md`): missing (its step did not finish)" in (results / "gpu_check.md").read_text()
+
+
+def test_the_summary_lists_every_row_that_did_not_run_and_reads_no_table_older_than_the_check(tmp_path):
+    results = _results(tmp_path)
+    (results / "gpu_check" / "started").write_text("1800000000\n")
+    for path in (results / "loop.json", results / "gpu_check" / "first_run" / "metrics.json"):
+        os.utime(path, (1_800_000_100, 1_800_000_100))
+    (results / "attention.json").write_text(json.dumps({"rows": [
+        {"backend": "sdpa", "precision": "bf16", "seq_len": 256, "status": "ok"},
+        {"backend": "xformers", "precision": "bf16", "seq_len": 256, "status": "skipped: xformers not installed"},
+        {"backend": "math", "precision": "bf16", "seq_len": 4096, "status": "failed: out of memory"}]}))
+    (results / "peer_dit.json").write_text(json.dumps({"rows": [
+        {"name": "unizoo bf16+compile", "status": "skipped: NotImplementedError: No operator found | for this"},
+        {"name": "diffusers bf16", "status": "ok"}],
+        "loss_checks": [{"variant": "unizoo bf16", "max_rel_diff": 0.3, "tolerance_rel": 0.05, "passed": False},
+                        {"variant": "unizoo fp32", "max_rel_diff": 1e-6, "tolerance_rel": 1e-4, "passed": True}]}))
+    for name in ("attention", "peer_dit"):
+        os.utime(results / f"{name}.json", (1_800_000_200, 1_800_000_200))
+    (results / "variants.json").write_text(json.dumps({"rows": [{"name": "vae mse joint", "status": "failed: RecipeError: x"}]}))
+    os.utime(results / "variants.json", (1_700_000_000, 1_700_000_000))  # an earlier check's: not this one's
+
+    assert gpu_summary.main([str(results)]) == 0
+    summary = json.loads((results / "gpu_check.json").read_text())
+    assert summary["rows_not_run"] == [
+        {"table": "attention", "row": "xformers bf16 seq_len 256", "status": "skipped: xformers not installed"},
+        {"table": "attention", "row": "math bf16 seq_len 4096", "status": "failed: out of memory"},
+        {"table": "peer_dit", "row": "unizoo bf16+compile", "status": "skipped: NotImplementedError: No operator found | for this"},
+        {"table": "peer_dit", "row": "unizoo bf16", "status": "loss check failed: max rel diff 0.3 above its tolerance 0.05"}]
+    assert summary["tables_not_written"] == ["peer_dit_xl.json", "variants.json"]
+    markdown = (results / "gpu_check.md").read_text()
+    assert "Rows of the tables that did not run or did not pass: 2 failed, 2 skipped" in markdown
+    assert "| peer_dit | unizoo bf16+compile | skipped: NotImplementedError: No operator found / for this |" in markdown
+    assert ("Tables this check did not write (their step failed or ran out of time; an earlier check's, if any, was not read): "
+            "`peer_dit_xl.json`, `variants.json`.") in markdown
+    assert summary["measured"]["loop_overhead"] == 0.052  # written after the check began: read
+    os.utime(results / "loop.json", (1_700_000_000, 1_700_000_000))
+    assert gpu_summary.measured(results, gpu_summary.steps(results)).get("loop_overhead") is None
 
 
 def test_a_first_run_that_failed_has_no_time(tmp_path):
