@@ -87,26 +87,30 @@ def _xformers_op():
     return xformers.ops.memory_efficient_attention
 
 
-# Whether importing xformers failed, per loader function (tests substitute it).
-_xformers_import_errors: dict[int, bool] = {}
+# Why importing xformers failed (None: it imported), per loader function (tests substitute it): keyed by the
+# function itself, not its id, which a freed function's successor may reuse.
+_xformers_import_errors: dict[object, str | None] = {}
 
 
 @torch.compiler.assume_constant_result
 def _xformers_missing() -> bool:
-    key = id(_xformers_op)
+    key = _xformers_op
     if key not in _xformers_import_errors:
         try:
             _xformers_op()
-            _xformers_import_errors[key] = False
+            _xformers_import_errors[key] = None
         except ImportError:
-            _xformers_import_errors[key] = True
-    return _xformers_import_errors[key]
+            _xformers_import_errors[key] = "xformers not installed"
+        except Exception as error:  # noqa: BLE001 - a wheel built for another torch can fail to import at all
+            first_line = (str(error).strip().splitlines() or [""])[0][:200]
+            _xformers_import_errors[key] = f"xformers failed to import ({type(error).__name__}: {first_line})"
+    return _xformers_import_errors[key] is not None
 
 
 def _xformers_unusable_reason(device: torch.device) -> str | None:
     """None if xformers can run on ``device``, else a short reason why not."""
     if _xformers_missing():
-        return "xformers not installed"
+        return _xformers_import_errors[_xformers_op]
     if device.type != "cuda":
         return f"tensors are on {device.type}, xformers needs CUDA"
     return None

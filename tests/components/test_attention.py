@@ -310,6 +310,21 @@ def test_explicit_xformers_not_installed_raises(monkeypatch):
         attention(q, k, v, backend="xformers")
 
 
+def test_xformers_that_fails_to_import_with_another_error_is_unusable_not_a_crash(monkeypatch):
+    # A wheel built for another torch or CUDA usually imports and fails at its first call (the probe's case), but
+    # it can also fail to import at all, with an error other than ImportError.
+    def broken():
+        raise OSError("libxformers.so: undefined symbol: _ZN3c104cuda9SetDeviceEa\nmore lines")
+
+    monkeypatch.setattr(attn_mod, "_xformers_op", broken)
+    assert attn_mod._xformers_unusable_reason(torch.device("cuda")) == (
+        "xformers failed to import (OSError: libxformers.so: undefined symbol: _ZN3c104cuda9SetDeviceEa)")
+    q, k, v = _qkv(1, 4, 4, 1, 8)
+    assert attention(q, k, v, backend="auto").shape == q.shape  # auto takes another kernel
+    with pytest.raises(RuntimeError, match=r"failed to import \(OSError: libxformers.so"):
+        attention(q, k, v, backend="xformers")
+
+
 def test_unknown_backend_names_the_choices():
     q, k, v = _qkv(1, 4, 4, 1, 8)
     with pytest.raises(ValueError) as err:

@@ -98,3 +98,27 @@ def test_missing_shards_and_too_few_shards_are_clear_errors(shards, tmp_path, mo
     with pytest.raises(DataError, match="1 shards cannot be split over 2 processes"):
         data.train_dataloader()
     assert main(["shards", str(tmp_path), str(tmp_path / "out")]) == 2  # no metadata.jsonl
+
+
+def test_no_loader_worker_is_left_without_a_shard(shards, caplog):
+    # A worker whose share of shards is empty read nothing, pass after pass, and the loader, which takes the
+    # workers' batches in turn, waited on it forever: on a GPU `num_workers: auto` asks for up to 8.
+    out, _ = shards
+    two = sorted(str(p) for p in out.glob("train-*.tar"))[:2]
+    data = WebDataModule(urls=two, val_urls=str(out / "val-*.tar"), batch_size=2, shuffle_buffer=0, num_workers=3)
+    with caplog.at_level("INFO", logger="unizoo.data.shards"):
+        loader = data.train_dataloader()
+    assert loader.num_workers == 2
+    assert "data: 2 loader workers, not 3 (data.num_workers=3): this process reads 2 of the 2 shards" in caplog.text
+    batches = iter(loader)
+    keys = [key for _ in range(5) for key in next(batches)["key"]]  # 10 samples: past the first pass (8 or fewer)
+    assert len(keys) == 10
+
+
+def test_an_endless_stream_that_reads_nothing_in_a_pass_says_so_instead_of_waiting(tmp_path):
+    with wds.TarWriter(str(tmp_path / "bad-0.tar")) as sink:
+        sink.write({"__key__": "a", "txt": "no image"})
+        sink.write({"__key__": "b", "png": b"", "txt": "empty"})
+    stream = ShardStream([str(tmp_path / "bad-0.tar")], 16, 0, seed=0)
+    with pytest.raises(DataError, match=r"data.urls: process 0 of 1 read no sample in a whole pass over its shards \(of 1\)"):
+        next(iter(stream))

@@ -80,3 +80,14 @@ def test_the_callback_travels_to_spawned_workers_without_the_evaluation():
     assert curve.callbacks("generation", None) == []
     with pytest.raises(ValueError, match="every_n_steps must be at least 1"):
         curve.callbacks("generation", -1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_evaluation_in_the_middle_of_a_stage_leaves_the_model_on_the_gpu(tmp_path):
+    # Sampling moves the model to the loop's device and back to where it was: back to the CPU, as it once did,
+    # left Lightning's next step with weights on the CPU and its batches and optimiser state on the GPU.
+    run = train(compose_recipe("default", [*SEQUENTIAL, "evaluation.every_n_steps=2", "trainer.accelerator=gpu", "compile=false"]),
+                run_dir=tmp_path / "run")
+    phases = [point["phase"] for point in json.loads((run / "metrics.json").read_text())["curve"]]
+    assert phases == ["untrained", "understanding_step2", "understanding", "generation_step2", "generation"]

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from unizoo.pretraining import autoencoder
 from unizoo.runtime import fabric as fabric_module
+import unizoo.runtime.fabric as fabric_module
 from unizoo.runtime.fabric import loop_device, loop_fabric, loop_precision, loops_on, placement
 
 TINY_VAE = dict(block_out_channels=[16, 16], latent_channels=4, layers_per_block=1, norm_num_groups=8,
@@ -96,3 +97,29 @@ def test_losses_are_read_only_when_a_line_is_due(caplog):
     for _ in range(100):
         progress.step(lambda: reads.append(1) or {"loss": 1.0})
     assert reads == []  # no line was due: no value was read (on a GPU, no wait for the device)
+
+
+class _Moves(torch.nn.Module):
+    """A module that records where it is asked to go and stays where it is (no second device on this machine)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2, device=device))
+        self.moves: list[torch.device] = []
+
+    def to(self, device):
+        self.moves.append(torch.device(device))
+        return self
+
+
+def test_on_loop_device_puts_each_module_back_where_it_was(monkeypatch):
+    # A frozen encoder waits on the CPU between uses; the model a mid-stage evaluation samples with is on the
+    # training device (here "meta" stands for it), and must be left there for Lightning's next step.
+    monkeypatch.setattr(fabric_module, "loop_device", lambda: torch.device("cuda", 0))
+    encoder, training_model = _Moves("cpu"), _Moves("meta")
+    with fabric_module.on_loop_device(encoder, training_model) as device:
+        assert device == torch.device("cuda", 0)
+    assert encoder.moves == [torch.device("cuda", 0), torch.device("cpu")]
+    assert training_model.moves == [torch.device("cuda", 0), torch.device("meta")]
+    assert fabric_module.home_device(torch.nn.ReLU()) == torch.device("cpu")  # nothing to place: the CPU
+

@@ -162,7 +162,18 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         for epoch in count() if self.endless else (0,):
-            yield from self.epoch(epoch)
+            read = 0
+            for read, sample in enumerate(self.epoch(epoch), start=1):
+                yield sample
+            if self.endless and not read:
+                # An endless stream that reads nothing in a whole pass would pass after pass, never yielding and
+                # never ending: the loader would wait on it without a word.
+                worker = get_worker_info()
+                raise DataError(
+                    f"data.urls: {'loader worker ' + str(worker.id) + ' of ' if worker else ''}process {self.rank} of "
+                    f"{self.world} read no sample in a whole pass over its shards (of {len(self.shards)}): every "
+                    f"sample in them was skipped ({describe_skipped(self.skips.totals()) if self.skips else 'see the log'}), "
+                    "or it was given none")
 
 
 class SampleList(Dataset):
@@ -227,7 +238,16 @@ class WebDataModule(L.LightningDataModule):
         return ShardStream(self.shards, self.image_size, self.shuffle_buffer, self.seed, rank, world, True, self.skips)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_stream(), batch_size=self.batch_size, drop_last=True, **loader_options(self.num_workers))
+        stream = self.train_stream()
+        options = loader_options(self.num_workers)
+        # Each loader worker reads its own shards of this process's share: a worker without a shard would read
+        # nothing, forever, and the loader, which takes the workers' batches in turn, would wait on it.
+        share = len(range(stream.rank, len(self.shards), stream.world))
+        if options["num_workers"] > share:
+            log.info("data: %d loader workers, not %d (data.num_workers=%s): this process reads %d of the %d shards, "
+                     "one worker a shard at least", share, options["num_workers"], self.num_workers, share, len(self.shards))
+            options = loader_options(share)
+        return DataLoader(stream, batch_size=self.batch_size, drop_last=True, **options)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset("val"), batch_size=self.batch_size, shuffle=False)

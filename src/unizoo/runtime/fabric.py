@@ -16,6 +16,8 @@ ends, so a cache entry is the same files whichever device wrote it.
 
 from __future__ import annotations
 
+import itertools
+
 import logging
 import os
 from collections.abc import Iterator
@@ -97,15 +99,27 @@ def loop_fabric(precision: str | None = FP32) -> Fabric:
 
 @contextmanager
 def on_loop_device(*modules: torch.nn.Module) -> Iterator[torch.device]:
-    """Within the block, `modules` (frozen encoders a loop calls) sit on the loop's device; on the CPU again after."""
+    """Within the block, `modules` sit on the loop's device; after it, each is back on the device it was on.
+
+    Back where it was, not on the CPU: frozen encoders a loop calls wait on the CPU between uses, but the model a
+    periodic evaluation samples with in the middle of a stage is on the training device, and Lightning's next step
+    expects it there, beside its batches and its optimiser's state.
+    """
     device = loop_device()
+    homes = [home_device(module) for module in modules]
     for module in modules:
         module.to(device)
     try:
         yield device
     finally:
-        for module in modules:
-            module.to("cpu")
+        for module, home in zip(modules, homes):
+            module.to(home)
+
+
+def home_device(module: torch.nn.Module) -> torch.device:
+    """The device of `module`'s first parameter (or buffer); the CPU for a module that has neither."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 def optimise(fabric: Fabric, optimizer: torch.optim.Optimizer, loss: torch.Tensor, schedule=None) -> None:
