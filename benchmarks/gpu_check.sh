@@ -15,10 +15,10 @@
 #   3. the default recipe's bare step against the whole Lightning step, and
 #      what the host pays per step (operators, the step on one image, each
 #      part's share), eager: step 2 trains compiled (`compile: auto`)        (40 s)
-#   4. the attention backends                                                 (45 s)
+#   4. the attention backends                                                 (30 s)
 #   5. unizoo vs diffusers' DiT at DiT-S/2, batch 256, bf16, every switch     (65 s)
 #   6. the same at DiT-XL/2                                                   (120 s)
-#   7. the design-space variants at sizes S and XL                            (30 s)
+#   7. the design-space variants at sizes S and XL (VAE vs CLIP, two cells)   (45 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -78,11 +78,19 @@ rm -rf "$SCRATCH"
 # has no compile time to fit in its limit. 50 bare steps, not 100, for the same limit: the benchmark times
 # them beside the one-image step and again between the whole steps' blocks.
 step loop 40 python -m benchmarks.run loop --device cuda --loop-steps 300 --repeats 50 --loop-override compile=false --out "$OUT_ROOT"
-step attention 45 python -m benchmarks.run attention --device cuda --out "$OUT_ROOT" --repeats 5
+step attention 30 python -m benchmarks.run attention --device cuda --out "$OUT_ROOT" --repeats 5
+# The peer and variants benchmarks write their table after each group of rows, so a step stopped at its limit still
+# leaves the rows it measured (the summary says which did not run). One "why" profile at S (the best-vs-best pair if
+# unizoo is slower), none at XL, where each would rebuild two models of 750M and 830M parameters. At XL, batch 256,
+# the fp32 rows fit no single GPU (about 145 GiB by the estimate; the bf16 ones about 79 GiB, which an H200 holds
+# and an H100 does not): they are skipped for memory, and the bf16 rows are checked against the family's bf16 one.
 step peer_s 65 python -m benchmarks.run peer --device cuda --peer-parts dit --peer-size S --batch 256 \
-    --repeats 5 --warmup 2 --loss-steps 5 --row-time-limit 20 --out "$OUT_ROOT"
+    --repeats 5 --warmup 2 --loss-steps 5 --row-time-limit 20 --max-profiles 1 --out "$OUT_ROOT"
 step peer_xl 120 python -m benchmarks.run peer --device cuda --peer-parts dit --peer-size XL --batch 256 \
-    --repeats 5 --warmup 2 --loss-steps 5 --row-time-limit 30 --out "$OUT_ROOT"
-step variants 30 python -m benchmarks.run variants --device cuda --sizes S XL --batch 64 --repeats 3 --warmup 1 --out "$OUT_ROOT"
+    --repeats 5 --warmup 2 --loss-steps 5 --row-time-limit 30 --max-profiles 0 --out "$OUT_ROOT"
+# Two cells, VAE and CLIP targets under flow matching and joint training (BLIP3-o's efficiency comparison), at each
+# size: every cell of the grid builds its whole model on the host first, about 20 s a cell at XL, 24 rows in all.
+step variants 45 python -m benchmarks.run variants --device cuda --sizes S XL --select objective=flow_matching strategy=joint \
+    --batch 64 --repeats 3 --warmup 1 --out "$OUT_ROOT"
 
 python -m benchmarks.gpu_summary "$RESULTS"

@@ -90,6 +90,8 @@ def rows_not_run(results: Path) -> tuple[list[dict], list[str]]:
             status = row.get("status")
             if status is not None and status != "ok":
                 not_run.append({"table": name, "row": _row_label(row), "status": str(status)})
+        if result.get("partial"):  # the step stopped (its time limit) after writing the rows it had measured
+            not_run.append({"table": name, "row": "the rest", "status": f"not run: {result['partial']}"})
         for check in result.get("loss_checks") or []:
             if not check.get("passed", True):
                 not_run.append({"table": name, "row": str(check.get("variant")),

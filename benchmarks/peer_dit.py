@@ -258,7 +258,7 @@ def measure_together(variants, cfg, device, init_states: dict, batches, flops: d
             status = _skip_reason(variant, cfg, device)
             status = f"skipped: {status}" if status else precheck(
                 cfg, params[family], flops[family], len(batches), peaks.get(variant.precision, {}).get("flops_per_s"),
-                limits)
+                limits, precision=variant.precision, device=device)
             side = None
             if not status:
                 try:
@@ -332,14 +332,34 @@ def measure_variant(variant, cfg, device, init_state, batches, flops, params, pe
                             {family: params}, peaks, limits)[0]
 
 
-def loss_checks(rows: list[dict]) -> list[dict]:
-    """Each measured non-reference variant's loss curve against its family's fp32 curve."""
+def references(rows: list[dict]) -> dict[str, dict]:
+    """Each family's reference row, the one its other rows' loss curves are checked against.
+
+    Its fp32 eager row; where that did not run (a size whose fp32 step does not fit the device, such as
+    DiT-XL/2 at batch 256 on one GPU, where the bf16 rows do), its bf16 eager row, against which the
+    family's other bf16 rows are checked: what compiling and fused AdamW change. The bf16 row itself is
+    then checked against fp32 at the sizes where both run, not at this one.
+    """
     by_name = {row["name"]: row for row in rows}
+    found = {}
+    for family in dict.fromkeys(row["model"] for row in rows):
+        for name in (REFERENCE[family], f"{family} bf16"):
+            if by_name.get(name, {}).get("status") == "ok":
+                found[family] = by_name[name]
+                break
+    return found
+
+
+def loss_checks(rows: list[dict]) -> list[dict]:
+    """Each measured non-reference variant's loss curve against its family's reference curve (`references`)."""
+    found = references(rows)
     checks = []
     for row in rows:
-        reference = by_name.get(REFERENCE[row["model"]])
-        if row["name"] in REFERENCE.values() or row["status"] != "ok" or not reference or reference["status"] != "ok":
+        reference = found.get(row["model"])
+        if reference is None or row is reference or row["status"] != "ok":
             continue
+        if reference["precision"] != "fp32" and row["precision"] != reference["precision"]:
+            continue  # an fp32 row is not held to a bf16 curve
         tolerance = TOLERANCE[row["precision"]]
         diffs = [abs(a - b) / abs(b) for a, b in zip(row["losses"], reference["losses"])]
         checks.append({
@@ -364,17 +384,18 @@ def _add_ratios(rows: list[dict], variants, peer: str) -> None:
             row[key] = row["images_per_s"] / base["images_per_s"] if ok else None
 
 
-def _trusted(row: dict, checks: dict) -> bool:
+def _trusted(row: dict, checks: dict, found: dict[str, dict]) -> bool:
     """Measured, and its loss curve is its family's reference or passed the check against it."""
-    return row["status"] == "ok" and (row["name"] in REFERENCE.values() or checks.get(row["name"], {}).get("passed", False))
+    return row["status"] == "ok" and (row is found.get(row["model"]) or checks.get(row["name"], {}).get("passed", False))
 
 
 def best_vs_best(rows: list[dict], checks: list[dict], peer: str) -> dict:
     """Each family's fastest trusted row, and unizoo best / peer best; the same for plain fp32."""
     by_check = {c["variant"]: c for c in checks}
+    found = references(rows)
     best = {}
     for family in ("unizoo", peer):
-        candidates = [r for r in rows if r["model"] == family and _trusted(r, by_check)]
+        candidates = [r for r in rows if r["model"] == family and _trusted(r, by_check, found)]
         top = max(candidates, key=lambda r: r["images_per_s"], default=None)
         best[family] = None if top is None else {"variant": top["name"], "images_per_s": top["images_per_s"],
                                                  "mfu": top["mfu"]}
@@ -418,8 +439,13 @@ def explain_slower(pairs, variants, cfg, device, init_states, batches, peer, pro
 
 
 def run_peer(cfg: PeerConfig, device: torch.device, peaks: dict, variants=VARIANTS, progress=print,
-             limits: RowLimits = RowLimits(), explain: bool = True) -> dict:
-    """All variants, loss checks, best vs best, parameter counts and FLOPs, plus the configuration used."""
+             limits: RowLimits = RowLimits(), explain: bool = True, on_partial=None) -> dict:
+    """All variants, loss checks, best vs best, parameter counts and FLOPs, plus the configuration used.
+
+    `on_partial(result)`, where given, gets the result so far after each group of rows (its `partial` says how
+    many rows it has, and no row is profiled yet): a run stopped at a time limit (the GPU check's) still leaves
+    the rows it measured, where it used to leave nothing.
+    """
     families = list(dict.fromkeys(v.model for v in variants))
     peer = next(f for f in families if f != "unizoo")
     cfg = replace(cfg, adaln=cfg.adaln or PEER_ADALN[peer])
@@ -436,6 +462,22 @@ def run_peer(cfg: PeerConfig, device: torch.device, peaks: dict, variants=VARIAN
         flops[name] = count_step_flops(name, cfg, batches[0])
         progress(f"peer {name}: {params[name] / 1e6:.2f}M parameters, {flops[name] / 1e9:.4g} GFLOP "
                  f"per training step (forward + backward), {woken[name]} zero-init weights re-drawn")
+    def summary(rows: list[dict], checks: list[dict], best: dict, profiles: list[dict]) -> dict:
+        return {
+            "config": {**asdict(cfg), "steps": steps, "timed_steps": steps - cfg.warmup, "label": cfg.label},
+            "peer": peer,
+            "timing": "alternating",  # see measure_together; older results timed each row after the other
+            "parameters": params,
+            "zero_init_weights_redrawn": woken,
+            "flops_per_step": flops,
+            "tolerance_rel": TOLERANCE,
+            "limits": asdict(limits),
+            "rows": rows,
+            "loss_checks": checks,
+            "best_vs_best": best,
+            "profiles": profiles,
+        }
+
     measured = {}
     for group in pair_up(variants, peer):
         for row in measure_together(group, cfg, device, init_states, batches, flops, params, peaks, limits):
@@ -446,6 +488,13 @@ def run_peer(cfg: PeerConfig, device: torch.device, peaks: dict, variants=VARIAN
                          f"{row['peak_mem_mb']:8.1f} MiB  (first step {row['first_step_s']:.1f} s){together}")
             else:
                 progress(f"peer {row['name']:<28} {row['status']}")
+        if on_partial is not None and len(measured) < len(variants):
+            done = [variant for variant in variants if variant.name in measured]
+            rows = [measured[variant.name] for variant in done]
+            _add_ratios(rows, done, peer)
+            checks = loss_checks(rows)
+            on_partial({**summary(rows, checks, best_vs_best(rows, checks, peer), []),
+                        "partial": f"{len(rows)} of {len(variants)} rows: the run stopped before the others"})
     rows = [measured[variant.name] for variant in variants]
     _add_ratios(rows, variants, peer)
     checks = loss_checks(rows)
@@ -469,17 +518,4 @@ def run_peer(cfg: PeerConfig, device: torch.device, peaks: dict, variants=VARIAN
     if best["ratio"] is not None:
         pair = (best["unizoo"]["variant"], best["peer"]["variant"])
         best["why"] = found[pair]["text"] if pair in found else None
-    return {
-        "config": {**asdict(cfg), "steps": steps, "timed_steps": steps - cfg.warmup, "label": cfg.label},
-        "peer": peer,
-        "timing": "alternating",  # see measure_together; older results timed each row after the other
-        "parameters": params,
-        "zero_init_weights_redrawn": woken,
-        "flops_per_step": flops,
-        "tolerance_rel": TOLERANCE,
-        "limits": asdict(limits),
-        "rows": rows,
-        "loss_checks": checks,
-        "best_vs_best": best,
-        "profiles": [{"unizoo": pair[0], "peer": pair[1], **value} for pair, value in found.items()],
-    }
+    return summary(rows, checks, best, [{"unizoo": pair[0], "peer": pair[1], **value} for pair, value in found.items()])

@@ -29,6 +29,8 @@ def _tolerances(result: dict) -> str:
 
 def _best_line(result: dict) -> str:
     best, peer = result["best_vs_best"], result["peer"]
+    if result.get("partial"):  # written after each group of rows: a run stopped at a time limit leaves this
+        return f"**Partial: {result['partial']}.** " + _best_line({**result, "partial": None})
     if best["ratio"] is None:
         return f"Best vs best: no trusted row on one side (unizoo {best['unizoo']}, {peer} {best['peer']})."
     why = f" Why unizoo is slower: {best['why']}." if best.get("why") else ""
@@ -47,12 +49,15 @@ def section_markdown(result: dict) -> str:
     """One comparison (unizoo against one peer at one configuration), without the peaks."""
     cfg, params, flops, peer = result["config"], result["parameters"], result["flops_per_step"], result["peer"]
     checks = {c["variant"]: c for c in result["loss_checks"]}
+    references = {c["reference"] for c in result["loss_checks"]}
     rows = []
     for r in result["rows"]:
         check = checks.get(r["name"])
-        verdict = "reference" if r["status"] == "ok" and not check and r["name"].endswith("fp32") else "–"
+        is_reference = r["name"] in references or r["name"] == f"{r['model']} fp32"
+        verdict = "reference" if r["status"] == "ok" and not check and is_reference else "–"
         if check:
-            verdict = f"{'pass' if check['passed'] else 'FAIL'} ({check['max_rel_diff']:.1e})"
+            against = "" if check["reference"].endswith("fp32") else f", vs {check['reference']}"
+            verdict = f"{'pass' if check['passed'] else 'FAIL'} ({check['max_rel_diff']:.1e}{against})"
         rows.append([
             r["name"], _fmt(r["params"] / 1e6), r["switches"], _fmt(r.get("step_ms"), 1), _fmt(r.get("images_per_s")),
             _fmt(r.get("vs_peer_fp32")), _fmt(r.get("vs_peer_bf16")), _fmt(r.get("vs_peer_same")),
@@ -74,7 +79,10 @@ def section_markdown(result: dict) -> str:
            "the machine's speed hits both alike (unizoo-only rows run alone; peak memory is each row's build "
            "and warm-up, alone). " if result.get("timing") == "alternating" else "")
         + "Loss check: every step's loss within a relative "
-        f"tolerance ({_tolerances(result)}) of the same family's fp32 eager loss (zero-initialised "
+        f"tolerance ({_tolerances(result)}) of the same family's fp32 eager loss"
+        + (", or, where that row did not run, the bf16 rows' of its bf16 eager loss, marked `vs` that row"
+           if any(not c["reference"].endswith("fp32") for c in result["loss_checks"]) else "")
+        + " (zero-initialised "
         "matrices are re-drawn first, so every block takes part from step 1). MFU: model FLOPs per "
         "second over the measured matmul peak at the row's precision (checkpointing's recompute not counted).",
         _best_line(result),

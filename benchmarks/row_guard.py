@@ -5,9 +5,12 @@ Two checks before a row runs, both estimates stated as such in the status:
 * memory: weights, gradients and AdamW state (16 bytes a parameter in fp32) plus the
   activations a transformer keeps for backward, after Korthikanti et al. 2022
   ("Reducing Activation Recomputation in Large Transformer Models", eq. 2:
-  ``s·b·h·(34 + 5·a·s/h)`` bytes a layer at 16 bits; twice that in fp32). At DiT-S/2,
-  batch 8, it gives 1.6 GiB against the 1.4-1.6 GiB measured. Compared with
-  ``MemAvailable`` times ``memory_fraction``.
+  ``s·b·h·(34 + 5·a·s/h)`` bytes a layer in mixed 16-bit training, as a bf16 row runs;
+  twice that in fp32). At DiT-S/2, batch 8, fp32, it gives 1.6 GiB against the 1.4-1.6 GiB
+  measured on a CPU. On CUDA the ``5·a·s/h`` term, the attention scores, is left out: sdpa's
+  fused kernels there never write them. Compared with ``memory_fraction`` of the memory the row
+  runs in: the host's ``MemAvailable`` on a CPU, the GPU's free memory on CUDA (the host's
+  would skip every DiT-XL/2 row of batch 256 on a GPU whose own memory fits the bf16 ones).
 * time: the lower bound ``steps x FLOPs per step / measured peak`` (100% MFU). A row
   that could not finish within ``time_limit_s`` even at the peak is not started.
 
@@ -48,21 +51,36 @@ def available_bytes() -> int | None:
     return None
 
 
-def estimated_step_bytes(cfg, params: int) -> int:
-    """Memory a training step of ``cfg`` (a PeerConfig) needs, fp32 (see the module docstring)."""
+def estimated_step_bytes(cfg, params: int, precision: str = "fp32", scores_kept: bool = True) -> int:
+    """Memory a training step of ``cfg`` (a PeerConfig) needs at ``precision`` (see the module docstring).
+
+    ``scores_kept``: the attention keeps its ``s x s`` scores for backward (False for a fused kernel).
+    """
     s, b, h, a = cfg.num_tokens, cfg.batch, cfg.hidden, cfg.heads
-    activations = cfg.depth * s * b * h * (34 + 5 * a * s / h) * 2
+    scores = 5 * a * s / h if scores_kept else 0
+    activations = cfg.depth * s * b * h * (34 + scores) * (2 if precision == "fp32" else 1)
     return int(16 * params + activations)
 
 
+def free_bytes_on(device) -> int | None:
+    """Memory a row on ``device`` can take: the GPU's free memory on CUDA, the host's ``MemAvailable`` elsewhere."""
+    if device is not None and device.type == "cuda":
+        import torch  # noqa: PLC0415 - this module is imported by tests that never touch a device
+
+        return torch.cuda.mem_get_info(device)[0]
+    return available_bytes()
+
+
 def precheck(cfg, params: int, flops: int, steps: int, peak_flops_per_s: float | None, limits: RowLimits,
-             free_bytes: int | None = None) -> str | None:
+             free_bytes: int | None = None, precision: str = "fp32", device=None) -> str | None:
     """A ``skipped: ...`` status if the row cannot run within ``limits``, else None."""
-    needed = estimated_step_bytes(cfg, params)
-    free_bytes = available_bytes() if free_bytes is None else free_bytes
+    on_gpu = device is not None and device.type == "cuda"
+    needed = estimated_step_bytes(cfg, params, precision, scores_kept=not on_gpu)
+    free_bytes = free_bytes_on(device) if free_bytes is None else free_bytes
     if free_bytes is not None and needed > limits.memory_fraction * free_bytes:
-        return (f"skipped: memory: needs about {needed / GIB:.1f} GiB (estimate), "
-                f"{limits.memory_fraction:.0%} of the {free_bytes / GIB:.1f} GiB available is the limit")
+        return (f"skipped: memory: needs about {needed / GIB:.1f} GiB (estimate, {precision}), "
+                f"{limits.memory_fraction:.0%} of the {free_bytes / GIB:.1f} GiB "
+                f"{'free on the GPU' if on_gpu else 'available'} is the limit")
     if limits.time_limit_s is not None and peak_flops_per_s:
         lower_bound = steps * flops / peak_flops_per_s
         if lower_bound > limits.time_limit_s:

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "100x slower than fp32 (default: skipped, saying so)")
     group.add_argument("--row-time-limit", type=float, default=None,
                        help="seconds a peer row may take; longer rows say so instead of running (default 900)")
+    group.add_argument("--max-profiles", type=int, default=None,
+                       help="profiles naming why unizoo is slower, per comparison, slowest pair first (default: every "
+                            "slower pair; each rebuilds both rows' models and steps them again)")
     group = parser.add_argument_group("variants (a training step per design-space cell, stage and size)")
     group.add_argument("--sizes", nargs="+", default=None,
                        help="generator sizes, of tiny S B L XL (default tiny S; --quick: tiny, with a one-layer LM)")
@@ -167,7 +170,7 @@ def _configs(args, device: torch.device) -> tuple[AttentionConfig, PeerConfig, i
     attention = replace(attention, **{k: v for k, v in overrides.items() if v is not None})
     overrides = {"batch": args.batch, "loss_steps": args.loss_steps, "compile_backend": args.compile_backend,
                  "warmup": args.warmup, "repeats": args.repeats, "adaln": args.adaln,
-                 "emulated_bf16": args.emulated_bf16 or None}
+                 "emulated_bf16": args.emulated_bf16 or None, "max_profiles": args.max_profiles}
     peer = replace(peer, **{k: v for k, v in overrides.items() if v is not None})
     if args.peer_size is not None:
         from unizoo.components.generators.dit import DIT_SIZES  # noqa: PLC0415
@@ -189,11 +192,13 @@ def _report_checks(section: dict) -> None:
                   f"{section['peer']} {best['peer']['variant']} = {best['ratio']:.2f}x")
 
 
-def _run_peers(args, peer_cfg: PeerConfig, device: torch.device, peaks: dict, report) -> None:
+def _run_peers(args, peer_cfg: PeerConfig, device: torch.device, peaks: dict, report, write) -> None:
     limits = RowLimits(time_limit_s=args.row_time_limit) if args.row_time_limit else RowLimits()
     suffix = "" if args.peer_size in (None, "S") else f"_{args.peer_size.lower()}"
     if "dit" in args.peer_parts:
-        result = run_peer(peer_cfg, device, peaks, progress=_progress, limits=limits)
+        # The table so far after each group of rows, so that a run stopped at a time limit leaves what it measured.
+        result = run_peer(peer_cfg, device, peaks, progress=_progress, limits=limits,
+                          on_partial=lambda partial: write(f"peer_dit{suffix}", partial, kind="peer_dit"))
         _report_checks(result)
         report(f"peer_dit{suffix}", result, kind="peer_dit")
     if "pixart" in args.peer_parts:
@@ -235,14 +240,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables.append(markdown)
         _progress("wrote " + ", ".join(map(str, paths)))
 
+    def write(name: str, result: dict, kind: str | None = None) -> None:  # a partial table, rewritten as rows come
+        write_results(name, result, env, peaks, args.out, args.quick, kind)
+
     if args.benchmark in ("attention", "all"):
         if not args.attn_precision:
             _progress("attention precisions: " + default_attention_precisions(device)[1])
         report("attention", run_attention(attention_cfg, device, peaks, progress=_progress))
     if args.benchmark in ("peer", "all"):
-        _run_peers(args, peer_cfg, device, peaks, report)
+        _run_peers(args, peer_cfg, device, peaks, report, write)
     if args.benchmark in ("variants", "all"):
-        result = run_variants(variants_cfg, device, peaks, progress=_progress)
+        result = run_variants(variants_cfg, device, peaks, progress=_progress, on_partial=lambda partial: write("variants", partial))
         for pair in result["clip_vs_vae"]:
             _progress(f"CLIP/VAE {pair['size']} {pair['clip']} {pair['stage']}: {pair['ratio']:.2f}x images/s "
                       f"({'reaches' if pair['reaches_target'] else 'below'} {result['target_ratio']:g}x)")

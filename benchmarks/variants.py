@@ -270,22 +270,33 @@ def clip_vs_vae(rows: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------- run and report
 
 
-def run_variants(cfg: VariantsConfig, device: torch.device, peaks: dict, progress=print) -> dict:
-    """Every (cell, stage, size) row and the CLIP/VAE pairs, plus the configuration and the grid used."""
+def run_variants(cfg: VariantsConfig, device: torch.device, peaks: dict, progress=print, on_partial=None) -> dict:
+    """Every (cell, stage, size) row and the CLIP/VAE pairs, plus the configuration and the grid used.
+
+    `on_partial(result)`, where given, gets the result so far after each cell of each size but the last (its
+    `partial` says how many of the cells it has): a run stopped at a time limit still leaves its rows.
+    """
     study = load_study(cfg.study)
     cells = study.cells(study.parse_select(cfg.select))
+
+    def result(rows: list[dict]) -> dict:
+        return {
+            "config": {**asdict(cfg), "label": _label(cfg, study)},
+            "study": {"path": study.path, "recipe": study.recipe, "axes": study.axes, "common": study.common,
+                      "throughput": study.throughput, "cells": [c.name for c in cells]},
+            "target_ratio": TARGET_RATIO,
+            "rows": rows,
+            "clip_vs_vae": clip_vs_vae(rows),
+        }
+
     rows = []
-    for size, cell in itertools.product(cfg.sizes, cells):
+    every = list(itertools.product(cfg.sizes, cells))
+    for done, (size, cell) in enumerate(every, start=1):
         for row in cell_rows(cell, size, study, device, peaks, cfg, progress):
             rows.append({**row, "cell": dict(cell.choices)})
-    return {
-        "config": {**asdict(cfg), "label": _label(cfg, study)},
-        "study": {"path": study.path, "recipe": study.recipe, "axes": study.axes, "common": study.common,
-                  "throughput": study.throughput, "cells": [c.name for c in cells]},
-        "target_ratio": TARGET_RATIO,
-        "rows": rows,
-        "clip_vs_vae": clip_vs_vae(rows),
-    }
+        if on_partial is not None and done < len(every):
+            on_partial({**result(list(rows)), "partial": f"{done} of {len(every)} cells and sizes: the run stopped before the others"})
+    return result(rows)
 
 
 def _label(cfg: VariantsConfig, study: Study) -> str:
@@ -336,6 +347,7 @@ def variants_markdown(result: dict, peaks: dict) -> str:
     cfg = result["config"]
     parts = [
         f"### One training step per variant and stage: {cfg['label']}",
+        *([f"**Partial: {result['partial']}.**"] if result.get("partial") else []),
         "Each row: a fixed synthetic batch (random images in [-1, 1], shapes captions) through the stage's "
         "losses (weighted sum), backward and the recipe's optimizer step; no pretraining (weights do not change "
         f"the work). Median of {cfg['repeats']} timed steps after {cfg['warmup']} untimed and one FLOP-counting "

@@ -426,10 +426,48 @@ def test_row_guard_says_why_a_row_cannot_run():
     assert precheck(cfg, 1000, 1, 4, 1e9, limits, free_bytes=needed).startswith("skipped: memory: needs about")
     assert precheck(cfg, 1000, flops=10**10, steps=4, peak_flops_per_s=1e9, limits=limits,
                     free_bytes=10 * needed).startswith("skipped: time: 4 steps take at least 40 s")
+    # A bf16 row keeps its activations at 16 bits (the formula's own unit); fp32 twice that.
+    bf16 = estimated_step_bytes(cfg, params=1000, precision="bf16")
+    assert bf16 == 16 * 1000 + cfg.depth * 16 * 2 * 32 * (34 + 5 * 2 * 16 / 32)
+    # On CUDA the fused attention keeps no scores, and the limit is the GPU's free memory, not the host's.
+    on_gpu = estimated_step_bytes(cfg, params=1000, precision="bf16", scores_kept=False)
+    assert on_gpu == 16 * 1000 + cfg.depth * 16 * 2 * 32 * 34
+    cuda = torch.device("cuda", 0)  # only named: free_bytes is given, so nothing asks the device
+    assert precheck(cfg, 1000, 1, 4, 1e9, limits, free_bytes=int(on_gpu / 0.79), precision="bf16", device=cuda) is None
+    assert precheck(cfg, 1000, 1, 4, 1e9, limits, free_bytes=on_gpu, precision="bf16", device=cuda) == (
+        f"skipped: memory: needs about {on_gpu / 2**30:.1f} GiB (estimate, bf16), 80% of the "
+        f"{on_gpu / 2**30:.1f} GiB free on the GPU is the limit")
     clock = StepClock(RowLimits(time_limit_s=1.0), steps=3)
     clock.check(0.6)  # only the row's own step seconds count
     with pytest.raises(RowTooSlow, match="stopped: time: 2 of 3 steps took 1 s"):
         clock.check(0.6)
+
+
+def _row(name: str, status: str = "ok", images_per_s: float = 1.0, losses=(2.0, 1.9)) -> dict:
+    model, switches = name.split(" ", 1)
+    return {"name": name, "model": model, "precision": "bf16" if switches.startswith("bf16") else "fp32",
+            "status": status, "images_per_s": images_per_s, "mfu": 0.1, "losses": list(losses)}
+
+
+def test_where_the_fp32_row_did_not_run_the_bf16_rows_are_checked_against_the_bf16_one():
+    # DiT-XL/2 at batch 256 on one GPU: the fp32 step does not fit, the bf16 ones do.
+    from benchmarks.peer_dit import best_vs_best, loss_checks  # noqa: PLC0415
+
+    memory = "skipped: memory: needs about 154.0 GiB (estimate, fp32), 80% of the 139.0 GiB free on the GPU is the limit"
+    rows = [_row("diffusers fp32", memory), _row("diffusers compile", memory), _row("diffusers bf16", images_per_s=10),
+            _row("diffusers bf16+compile+fused", images_per_s=14, losses=(2.01, 1.91)),
+            _row("unizoo fp32", memory), _row("unizoo bf16", images_per_s=12),
+            _row("unizoo bf16+compile+fused", images_per_s=30, losses=(2.5, 2.4))]  # off by a quarter: not trusted
+    checks = {c["variant"]: c for c in loss_checks(rows)}
+    assert {name: (c["reference"], c["passed"]) for name, c in checks.items()} == {
+        "diffusers bf16+compile+fused": ("diffusers bf16", True), "unizoo bf16+compile+fused": ("unizoo bf16", False)}
+    best = best_vs_best(rows, list(checks.values()), "diffusers")
+    assert best["unizoo"]["variant"] == "unizoo bf16" and best["peer"]["variant"] == "diffusers bf16+compile+fused"
+    assert best["ratio"] == 12 / 14 and best["fp32_ratio"] is None
+    # Where the fp32 row ran, it is the reference, as before: the bf16 row is checked against it.
+    rows[0] = _row("diffusers fp32", images_per_s=5)
+    assert {c["variant"]: c["reference"] for c in loss_checks(rows) if c["variant"].startswith("diffusers")} == {
+        "diffusers bf16": "diffusers fp32", "diffusers bf16+compile+fused": "diffusers fp32"}
 
 
 def test_a_row_over_its_time_limit_stops_and_says_so():
@@ -975,3 +1013,32 @@ def test_clip_fidelity_merge_names_each_rows_commit_and_dirty_state():
     text = clip_fidelity_markdown(result)
     assert "Rows `vae`: `python -m benchmarks.clip_fidelity --variants vae --merge` at commit abc1234 + uncommitted changes." in text
     assert "at commit 4134dac." in text  # an entry written before the flag existed reads as clean
+
+
+def test_a_peer_run_hands_out_its_table_after_each_group_of_rows(tmp_path):
+    # The GPU check stops a step at its limit: the table so far must be on disk by then, not only at the end.
+    from benchmarks.peer_dit import run_peer  # noqa: PLC0415
+    from benchmarks.peer_tables import peer_markdown  # noqa: PLC0415
+
+    peaks = {"fp32": {"flops_per_s": 1e9, "matmul_n": 256, "note": "made up"}, "bf16": {"flops_per_s": 2e9, "matmul_n": 256, "note": "made up"}}
+    variants = (*switch_variants("diffusers")[:2], *switch_variants("unizoo")[:2])  # two groups: fp32 pair, bf16 pair
+    partials = []
+    final = run_peer(PeerConfig.quick(), torch.device("cpu"), peaks, variants, progress=lambda line: None,
+                     explain=False, on_partial=partials.append)
+    (partial,) = partials  # after the first group; the last group's table is the final one
+    assert partial["partial"] == "2 of 4 rows: the run stopped before the others"
+    assert [r["name"] for r in partial["rows"]] == ["diffusers fp32", "unizoo fp32"]
+    assert partial["best_vs_best"]["ratio"] == partial["rows"][1]["images_per_s"] / partial["rows"][0]["images_per_s"]
+    assert "partial" not in final and [r["name"] for r in final["rows"]] == [v.name for v in variants]
+    assert "**Partial: 2 of 4 rows: the run stopped before the others.** Best vs best" in peer_markdown(partial, peaks)
+
+
+def test_a_variants_run_hands_out_its_table_after_each_cell():
+    cfg = replace(VariantsConfig.quick(), sizes=("huge",), select=("objective=mse", "strategy=joint"))  # fails fast
+    peaks = {"fp32": {"flops_per_s": 1e9, "matmul_n": 256, "note": "made up: nothing is timed"}}
+    partials = []
+    final = run_variants(cfg, torch.device("cpu"), peaks, progress=lambda line: None, on_partial=partials.append)
+    (partial,) = partials
+    assert partial["partial"] == "1 of 2 cells and sizes: the run stopped before the others"
+    assert len(partial["rows"]) == 1 and len(final["rows"]) == 2 and "partial" not in final
+    assert "**Partial: 1 of 2 cells and sizes" in variants_markdown(partial, peaks)

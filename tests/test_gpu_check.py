@@ -78,7 +78,7 @@ def test_the_check_runs_every_step_unattended_and_records_the_failed_ones(tmp_pa
     assert [(r["step"], r["status"]) for r in rows] == [
         ("tests", "ok"), ("first_run", "ok"), ("loop", "timed out"), ("attention", "failed (exit 1)"),
         ("peer_s", "ok"), ("peer_xl", "ok"), ("variants", "ok")]
-    assert [int(r["limit_s"]) for r in rows] == [60, 120, 40, 45, 65, 120, 30]
+    assert [int(r["limit_s"]) for r in rows] == [60, 120, 40, 30, 65, 120, 45]
     assert sum(int(r["limit_s"]) for r in rows) <= 8 * 60  # the 8 minutes, every step at its limit
     assert "Traceback: no kernel" in (logs / "attention.log").read_text()  # each step's output kept
     assert json.loads((logs / "first_run" / "metrics.json").read_text())["seconds_total"] == 70.0
@@ -167,7 +167,8 @@ def test_the_summary_lists_every_row_that_did_not_run_and_reads_no_table_older_t
         {"name": "unizoo bf16+compile", "status": "skipped: NotImplementedError: No operator found | for this"},
         {"name": "diffusers bf16", "status": "ok"}],
         "loss_checks": [{"variant": "unizoo bf16", "max_rel_diff": 0.3, "tolerance_rel": 0.05, "passed": False},
-                        {"variant": "unizoo fp32", "max_rel_diff": 1e-6, "tolerance_rel": 1e-4, "passed": True}]}))
+                        {"variant": "unizoo fp32", "max_rel_diff": 1e-6, "tolerance_rel": 1e-4, "passed": True}],
+        "partial": "2 of 14 rows: the run stopped before the others"}))  # written before its step's limit stopped it
     for name in ("attention", "peer_dit"):
         os.utime(results / f"{name}.json", (1_800_000_200, 1_800_000_200))
     (results / "variants.json").write_text(json.dumps({"rows": [{"name": "vae mse joint", "status": "failed: RecipeError: x"}]}))
@@ -179,10 +180,11 @@ def test_the_summary_lists_every_row_that_did_not_run_and_reads_no_table_older_t
         {"table": "attention", "row": "xformers bf16 seq_len 256", "status": "skipped: xformers not installed"},
         {"table": "attention", "row": "math bf16 seq_len 4096", "status": "failed: out of memory"},
         {"table": "peer_dit", "row": "unizoo bf16+compile", "status": "skipped: NotImplementedError: No operator found | for this"},
+        {"table": "peer_dit", "row": "the rest", "status": "not run: 2 of 14 rows: the run stopped before the others"},
         {"table": "peer_dit", "row": "unizoo bf16", "status": "loss check failed: max rel diff 0.3 above its tolerance 0.05"}]
     assert summary["tables_not_written"] == ["peer_dit_xl.json", "variants.json"]
     markdown = (results / "gpu_check.md").read_text()
-    assert "Rows of the tables that did not run or did not pass: 2 failed, 2 skipped" in markdown
+    assert "Rows of the tables that did not run or did not pass: 3 failed, 2 skipped" in markdown
     assert "| peer_dit | unizoo bf16+compile | skipped: NotImplementedError: No operator found / for this |" in markdown
     assert ("Tables this check did not write (their step failed or ran out of time; an earlier check's, if any, was not read): "
             "`peer_dit_xl.json`, `variants.json`.") in markdown
@@ -224,3 +226,10 @@ def test_every_benchmark_step_of_the_check_parses_and_the_loop_runs_eager():
     parsed = [parser.parse_args(arguments) for arguments in commands]
     loop = _loop_config(parsed[0])
     assert loop.steps == 300 and loop.bare_steps == 50 and loop.extra_overrides == ("compile=false",)
+    from benchmarks.run import _configs, _variants_config  # noqa: PLC0415
+
+    cuda = torch.device("cuda")  # only named: building the configurations asks nothing of the device
+    peer_s, peer_xl = (_configs(arguments, cuda)[1] for arguments in parsed[2:4])
+    assert (peer_s.max_profiles, peer_xl.max_profiles) == (1, 0) and peer_xl.depth == 28 and peer_xl.batch == 256
+    variants = _variants_config(parsed[4], parser)
+    assert variants.sizes == ("S", "XL") and variants.select == ("objective=flow_matching", "strategy=joint")
