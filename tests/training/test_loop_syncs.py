@@ -162,6 +162,8 @@ def test_no_device_waits_between_logging_steps_on_cuda(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert sorted(syncs.steps) == list(range(1, 13))
-    quiet = {step: syncs.sites[step] for step in syncs.steps if step % EVERY and step != 12}
+    # Step 1 does once what no later step does: where xformers can run, attention=auto probes its kernel against
+    # sdpa there (a forward and backward, read back to compare). Every later step between logging steps is quiet.
+    quiet = {step: syncs.sites[step] for step in syncs.steps if step % EVERY and step not in (1, 12)}
     assert quiet and not any(quiet.values()), {step: sites for step, sites in quiet.items() if sites}
     assert syncs.sites[EVERY]  # the loss log waits at its steps: the mode sees waits where they happen
