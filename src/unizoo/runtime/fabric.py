@@ -17,7 +17,6 @@ ends, so a cache entry is the same files whichever device wrote it.
 from __future__ import annotations
 
 import itertools
-
 import logging
 import os
 from collections.abc import Iterator
