@@ -13,11 +13,14 @@ here would replace its CUDA build, so this carries only what the image lacks:
 3. writes the rest to DIR: a pure-Python package as a wheel built here (`pip wheel --no-deps`: a wheel
    any Python 3 installs, also for a package published as source only, such as
    antlr4-python3-runtime); a compiled one as the wheel published for the target's Python
-   (`--python-version`, default this one's) on x86-64 Linux (`pip download --only-binary`).
+   (`--python-version`, default this one's) on x86-64 Linux (`pip download --only-binary`);
+   and what building unizoo itself needs (pyproject's `build-system.requires`, setuptools), so
+   that pip builds it in its own isolated environment there too, where a Python 3.12 venv has
+   no setuptools of its own.
 
 Then, on the GPU machine, from the clone with DIR in it:
 
-    pip install --no-index --find-links DIR --no-build-isolation -e .
+    pip install --no-index --find-links DIR -e .
 
 pip keeps every requirement the image already satisfies and installs the rest from DIR; a requirement
 neither has is named (`No matching distribution found for NAME`): run this again with NAME left out of
@@ -31,6 +34,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -101,9 +105,15 @@ def carried(report: dict, project: str, image_has: Iterable[str], environment: d
     return sorted(rows, key=lambda row: row["name"])
 
 
-def fetch(rows: list[dict], out: Path, python_version: str) -> None:
-    """Write each carried package's wheel to `out`: built here where pure Python, downloaded for the target where compiled."""
-    pure = [f"{row['name']}=={row['version']}" for row in rows if row["pure"]]
+def build_requirements(root: Path) -> list[str]:
+    """What building `root` needs (pyproject's `build-system.requires`)."""
+    return tomllib.loads((root / "pyproject.toml").read_text())["build-system"]["requires"]
+
+
+def fetch(rows: list[dict], out: Path, python_version: str, build: list[str] = ()) -> None:
+    """Write each carried package's wheel to `out`: built here where pure Python, downloaded for the target where
+    compiled; `build`, requirements of the build itself (pure Python: setuptools), as the newest wheels that meet them."""
+    pure = [*build, *(f"{row['name']}=={row['version']}" for row in rows if row["pure"])]
     compiled = [f"{row['name']}=={row['version']}" for row in rows if not row["pure"]]
     if pure:
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), *pure], check=True)
@@ -132,14 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--image-has {' '.join(unknown)}: not among unizoo's requirements or theirs, so it changes nothing")
     rows = carried(report, "unizoo", args.image_has)
     args.out.mkdir(parents=True, exist_ok=True)
-    fetch(rows, args.out, args.python_version)
+    build = build_requirements(ROOT)
+    fetch(rows, args.out, args.python_version, build)
     wheels = sorted(args.out.glob("*.whl"))
     size = sum(wheel.stat().st_size for wheel in wheels)
     print(f"offline_wheels: {len(rows)} packages the image ({' '.join(args.image_has)}) lacks, "
           f"{len(wheels)} wheels in {args.out} ({size / 2**20:.1f} MiB):")
     for row in rows:
         print(f"  {row['name']} {row['version']} ({'pure Python' if row['pure'] else f'compiled, for Python {args.python_version}'})")
-    print(f"on the GPU machine, in the clone: pip install --no-index --find-links {args.out} --no-build-isolation -e .")
+    print(f"  and, to build unizoo there: {', '.join(build)}")
+    print(f"on the GPU machine, in the clone: pip install --no-index --find-links {args.out} -e .")
     return 0
 
 

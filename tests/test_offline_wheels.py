@@ -84,3 +84,18 @@ def test_a_python_version_that_is_not_major_minor_is_refused_before_pip_runs(cap
 def test_the_wheels_folder_is_ignored_by_git():
     # The wheels are built for one machine's Python and image: never committed with the code.
     assert ".offline-wheels/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_pure_wheels_are_built_here_compiled_ones_fetched_for_the_target_and_the_build_s_own_carried(monkeypatch, tmp_path):
+    commands = []
+    monkeypatch.setattr(offline_wheels.subprocess, "run", lambda command, check: commands.append(command))
+    rows = offline_wheels.carried(REPORT, "unizoo", ["torch", "lightning", "pillow"], PYTHON_312)
+    # pip builds unizoo in an isolated environment from the wheels folder alone: setuptools must be in it.
+    offline_wheels.fetch(rows, tmp_path, "3.12", offline_wheels.build_requirements(ROOT))
+    built, downloaded = commands
+    assert built[built.index("--wheel-dir") + 2:] == [
+        "setuptools>=68", "antlr4-python3-runtime==4.9.3", "diffusers==0.42.1", "importlib-metadata==10.2.0",
+        "omegaconf==2.3.1", "requests==2.34.2", "zipp==4.1.2"]
+    assert "--no-deps" in built and "--only-binary=:all:" in downloaded and downloaded[-1] == "charset-normalizer==3.5.3"
+    assert downloaded[downloaded.index("--python-version") + 1] == "3.12" and "manylinux2014_x86_64" in downloaded
+
