@@ -472,6 +472,7 @@ def run_peer(cfg: PeerConfig, device: torch.device, peaks: dict, variants=VARIAN
         flops[name] = count_step_flops(name, cfg, batches[0])
         progress(f"peer {name}: {params[name] / 1e6:.2f}M parameters, {flops[name] / 1e9:.4g} GFLOP "
                  f"per training step (forward + backward), {woken[name]} zero-init weights re-drawn")
+
     def summary(rows: list[dict], checks: list[dict], best: dict, profiles: list[dict]) -> dict:
         return {
             "config": {**asdict(cfg), "steps": steps, "timed_steps": steps - cfg.warmup, "label": cfg.label},
@@ -489,6 +490,14 @@ def run_peer(cfg: PeerConfig, device: torch.device, peaks: dict, variants=VARIAN
         }
 
     measured = {}
+
+    def judged(done) -> tuple[list[dict], list[dict], dict]:
+        """The measured rows of the variants `done`, with their ratios, their loss checks and best vs best."""
+        rows = [measured[variant.name] for variant in done]
+        _add_ratios(rows, done, peer)
+        checks = loss_checks(rows)
+        return rows, checks, best_vs_best(rows, checks, peer)
+
     for group in pair_up(variants, peer):
         for row in measure_together(group, cfg, device, init_states, batches, flops, params, peaks, limits):
             measured[row["name"]] = row
@@ -499,16 +508,10 @@ def run_peer(cfg: PeerConfig, device: torch.device, peaks: dict, variants=VARIAN
             else:
                 progress(f"peer {row['name']:<28} {row['status']}")
         if on_partial is not None and len(measured) < len(variants):
-            done = [variant for variant in variants if variant.name in measured]
-            rows = [measured[variant.name] for variant in done]
-            _add_ratios(rows, done, peer)
-            checks = loss_checks(rows)
-            on_partial({**summary(rows, checks, best_vs_best(rows, checks, peer), []),
+            rows, checks, best = judged([variant for variant in variants if variant.name in measured])
+            on_partial({**summary(rows, checks, best, []),
                         "partial": f"{len(rows)} of {len(variants)} rows: the run stopped before the others"})
-    rows = [measured[variant.name] for variant in variants]
-    _add_ratios(rows, variants, peer)
-    checks = loss_checks(rows)
-    best = best_vs_best(rows, checks, peer)
+    rows, checks, best = judged(variants)
     # Where unizoo is slower than the peer with the same switches (or best against best): name the op.
     by_name = {r["name"]: r for r in rows}
     peer_by_key = {v.switch_key: v.name for v in variants if v.model == peer}
