@@ -30,7 +30,7 @@ from unizoo.data.sampler import process_rank_and_count
 from unizoo.data.skips import (
     EMPTY_FILE, INVALID_JSON, NO_CAPTION, NO_IMAGE_FIELD, UNDECODABLE, DataError, describe_skipped, merge_counts,
 )
-from unizoo.runtime.accelerator import loader_options
+from unizoo.runtime.accelerator import loader_options, loader_workers
 from unizoo.text import caption_words
 
 log = logging.getLogger(__name__)
@@ -239,15 +239,14 @@ class WebDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         stream = self.train_stream()
-        options = loader_options(self.num_workers)
         # Each loader worker reads its own shards of this process's share: a worker without a shard would read
         # nothing, forever, and the loader, which takes the workers' batches in turn, would wait on it.
         share = len(range(stream.rank, len(self.shards), stream.world))
-        if options["num_workers"] > share:
+        asked = loader_workers(self.num_workers)
+        if asked > share:
             log.info("data: %d loader workers, not %d (data.num_workers=%s): this process reads %d of the %d shards, "
-                     "one worker a shard at least", share, options["num_workers"], self.num_workers, share, len(self.shards))
-            options = loader_options(share)
-        return DataLoader(stream, batch_size=self.batch_size, drop_last=True, **options)
+                     "one worker a shard at least", share, asked, self.num_workers, share, len(self.shards))
+        return DataLoader(stream, batch_size=self.batch_size, drop_last=True, **loader_options(min(asked, share)))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset("val"), batch_size=self.batch_size, shuffle=False)
