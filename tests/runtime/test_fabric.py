@@ -11,7 +11,6 @@ from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader
 
 from unizoo.pretraining import autoencoder
-from unizoo.runtime import fabric as fabric_module
 import unizoo.runtime.fabric as fabric_module
 from unizoo.runtime.fabric import loop_device, loop_fabric, loop_precision, loops_on, placement
 
@@ -33,6 +32,18 @@ def test_loops_follow_the_run_and_come_back():
 def test_a_gpu_accelerator_without_a_gpu_is_named():
     with loops_on("gpu"), pytest.raises(RuntimeError, match="trainer.accelerator=gpu but this machine has no such device"):
         loop_device()
+
+
+def test_a_device_with_its_index_is_that_device(monkeypatch):
+    # `unizoo cache-targets --device cuda:1` and a GPU study's memory estimate name the GPU; LOCAL_RANK would say cuda:0.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with loops_on("cuda:1"):
+        assert loop_device() == torch.device("cuda", 1)
+    assert loop_device("cuda") == torch.device("cuda", 0) and loop_device("cpu") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match=r"device cuda:2 but this machine has 2 CUDA GPU\(s\) \(cuda:0 to cuda:1\)"):
+        loop_device("cuda:2")
 
 
 def test_vae_pretraining_takes_the_run_s_device_and_precision(monkeypatch, caplog):

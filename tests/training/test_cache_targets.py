@@ -8,6 +8,7 @@ shuffling, and that a cache made for another recipe is refused.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -181,3 +182,35 @@ def test_items_the_data_set_skips_have_no_target(vae_cache, tmp_path):
                                    rtol=0, atol=1e-5)
     with pytest.raises(KeyError, match="item 3 has no target"):
         shards[3]
+
+
+def test_cache_targets_works_on_the_device_asked_for_index_included(monkeypatch, tmp_path):
+    """`--device cuda:1`: the representation pretrains on cuda:1, not on this process's default GPU (cuda:0)."""
+    import unizoo.training.cache_targets as command
+
+    placed = []
+
+    class _Placed(Exception):
+        pass
+
+    @contextlib.contextmanager
+    def recording(accelerator, precision="32-true"):
+        placed.append(accelerator)
+        raise _Placed
+
+    monkeypatch.setattr(command, "_device", lambda name: torch.device("cuda", 1))  # a machine with two GPUs
+    monkeypatch.setattr(command, "loops_on", recording)
+    with pytest.raises(_Placed):
+        cache_targets(compose_recipe("default", [*TINY_OVERRIDES, f"targets={tmp_path / 'targets'}"]), device="cuda:1")
+    assert placed == ["cuda:1"]
+
+
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path, capsys):
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    runs = tmp_path / "targets"
+    assert main(["cache-targets", *TINY_OVERRIDES, f"targets={runs}", "--device", f"cuda:{gpus}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--device cuda:{gpus} but this machine has {gpus} CUDA GPU(s); valid: auto, cpu" in err and "Traceback" not in err
+    assert main(["cache-targets", *TINY_OVERRIDES, f"targets={runs}", "--device", "gpu"]) == 2
+    assert "--device 'gpu' is not a device; valid: auto, cpu, cuda, cuda:<index>" in capsys.readouterr().err
+    assert not runs.exists()

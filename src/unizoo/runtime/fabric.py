@@ -66,9 +66,12 @@ def loop_device(accelerator: str | None = None) -> torch.device:
     """The one device a loop of this process runs on, for the run's (or the given) accelerator.
 
     `auto` and `gpu` take this process's CUDA device where there is one (LOCAL_RANK under
-    torchrun or Lightning's launcher, so processes on one machine do not share GPU 0).
+    torchrun or Lightning's launcher, so processes on one machine do not share GPU 0). A device
+    with its index (`cuda:1`, as `unizoo cache-targets --device` takes it) is that device.
     """
     accelerator = (accelerator or placement().accelerator).lower()
+    if ":" in accelerator:
+        return _indexed_device(accelerator)
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     if accelerator in ("auto", "mps") and torch.backends.mps.is_available():
@@ -76,6 +79,20 @@ def loop_device(accelerator: str | None = None) -> torch.device:
     if accelerator in ("gpu", "cuda", "mps"):
         raise RuntimeError(f"trainer.accelerator={accelerator} but this machine has no such device")
     return torch.device("cpu")
+
+
+def _indexed_device(name: str) -> torch.device:
+    """`cuda:1` as a device, refused with the devices there are where this machine has no such one."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise RuntimeError(f"device {name!r} is not a device name torch knows ({error}); e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count:
+            raise RuntimeError(f"device {name} but this machine has {count} CUDA GPU(s)"
+                               + (f" (cuda:0 to cuda:{count - 1})" if count else ""))
+    return device
 
 
 def loop_precision(precision: str | None) -> str:

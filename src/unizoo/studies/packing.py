@@ -90,7 +90,8 @@ def estimate_per_device(recipe, device_index: int = 0) -> tuple[int, int]:
     from unizoo.training.build import build_model  # noqa: PLC0415
 
     device = torch.device("cuda", device_index)
-    with loops_on("gpu", recipe.trainer.precision), torch.random.fork_rng(devices=[device_index]):
+    # cuda:<index>, not gpu: a representation that pretrains while the model is built does it on the GPU measured.
+    with loops_on(str(device), recipe.trainer.precision), torch.random.fork_rng(devices=[device_index]):
         model = build_model(recipe)
         stage = instantiate(recipe.strategy).stages[-1]
         model.set_stage(stage)

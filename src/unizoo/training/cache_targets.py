@@ -38,9 +38,20 @@ log = logging.getLogger(__name__)
 
 
 def _device(name: str) -> torch.device:
+    """`--device`: auto (cuda if available), or a device this machine has; another is a `RecipeError` naming it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RecipeError(f"--device {name!r} is not a device; valid: auto, cpu, cuda, cuda:<index>") from None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise RecipeError(f"--device {name} but this machine has {gpus} CUDA GPU(s); valid: auto, cpu"
+                          + "".join(f", cuda:{index}" for index in range(gpus)))
+    if device.type not in ("cpu", "cuda"):
+        raise RecipeError(f"--device {name}: cache-targets encodes on the CPU or a CUDA GPU; valid: auto, cpu, cuda, cuda:<index>")
+    return device
 
 
 def encoded_batches(representation, dataset, batch_size: int, num_workers: int, device: torch.device,
@@ -81,6 +92,7 @@ def cache_targets(recipe: DictConfig, items_per_shard: int = 4096, batch_size: i
                   device: str = "auto", progress: bool = True) -> Path:
     """Write the target cache `recipe.targets` for `recipe`; returns its folder. An existing matching cache is kept."""
     check_recipe_types(recipe)
+    target = _device(device)  # a device this machine lacks is refused before anything is read or built
     directory = OmegaConf.select(recipe, "targets")
     if not directory:
         raise RecipeError(
@@ -105,13 +117,14 @@ def cache_targets(recipe: DictConfig, items_per_shard: int = 4096, batch_size: i
     L.seed_everything(recipe.seed, workers=True, verbose=False)  # as train() does before building
     datamodule = instantiate(recipe.data, _convert_="all")
     representation = instantiate(recipe.representation, _convert_="all")
-    target = _device(device)
-    with loops_on(target.type):  # a representation that pretrains (tiny VAE, CLIP) does it on the device asked for
+    # The whole command on the device asked for, its index kept (cuda:1): a representation that pretrains (tiny VAE,
+    # CLIP) does it there, and `num_workers: auto` resolves for that device's kind, not for the machine's default.
+    with loops_on(str(target)):
         representation.prepare(datamodule)  # the weights and normalisation training would use
+        workers = loader_workers(OmegaConf.select(recipe, "data.num_workers", default=0) or 0)
     representation.to(target).eval()
     dataset = indexable_train_set(datamodule, f"cache-targets targets={directory}")
-    batches = encoded_batches(representation, dataset, batch_size or recipe.data.batch_size,
-                              loader_workers(OmegaConf.select(recipe, "data.num_workers", default=0) or 0), target, progress)
+    batches = encoded_batches(representation, dataset, batch_size or recipe.data.batch_size, workers, target, progress)
     manifest = write_shards(directory, signature, batches, len(dataset), items_per_shard)
     log.info(
         "targets: cached all %d items of the training split (data.train_size=%s%s) as %s %s tokens in %d shard(s), "
