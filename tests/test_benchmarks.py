@@ -6,6 +6,7 @@ assertion depends on how fast anything ran.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -44,6 +45,7 @@ from unizoo.components.conditioning.queries import QueryConditioning  # noqa: E4
 from unizoo.components.generators.attention import attention  # noqa: E402
 from unizoo.config.composition import compose_recipe  # noqa: E402
 from unizoo.studies.study import DESIGN_SPACE, load_study  # noqa: E402
+from unizoo.training.build import build_model  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
 
@@ -561,6 +563,31 @@ def test_timing_and_memory_helpers():
 
 
 # ---------------------------------------------------------------- design-space variants
+
+def test_every_cell_builds_on_the_device_it_is_measured_on(monkeypatch):
+    """The variants harness builds each model under `with device:`; "meta" stands in for a GPU here.
+
+    Each model must come out of `build_model` already there (not built on the host, then moved), and nothing of
+    any cell's build may insist on the host (it would mix devices, or leave a tensor behind).
+    """
+    import benchmarks.variants as variants_module
+
+    built_on = []
+
+    def recording(recipe):
+        model = build_model(recipe)
+        built_on.append({t.device.type for t in itertools.chain(model.parameters(), model.buffers())})
+        return model
+
+    monkeypatch.setattr(variants_module, "build_model", recording)
+    study = load_study(DESIGN_SPACE)
+    for cell in study.cells():
+        recipe = compose_recipe(study.recipe, [*cell.overrides, *study.throughput, *variants_module.QUICK_OVERRIDES])
+        stage = instantiate(recipe.strategy).stages[-1]
+        variants_module._build(recipe, stage, torch.device("meta"), seed=0)
+        assert built_on[-1] == {"meta"}, (cell.name, built_on[-1])
+    assert len(built_on) == len(study.cells()) == 8
+
 
 VARIANT_CELLS = ("vae+flow_matching+sequential", "clip+flow_matching+sequential")
 
