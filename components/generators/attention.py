@@ -220,11 +220,15 @@ def auto_backend(
     device: torch.device, dtype: torch.dtype, query_len: int, key_len: int, head_dim: int = 64
 ) -> tuple[str, str | None]:
     """The kernel "auto" runs for such queries and keys, and why (None when it is the first choice)."""
-    device = torch.device(device)
+    return _choose(torch.device(device), dtype, head_dim, query_len * key_len <= GEMM_MAX_SCORES)
+
+
+def _choose(device: torch.device, dtype: torch.dtype, head_dim: int, scores_fit_gemm: bool) -> tuple[str, str | None]:
+    """`auto_backend` given only whether the scores per head are few enough for gemm (all the lengths decide)."""
     reason = probe("xformers", device, dtype, head_dim)
     if not reason:
         return "xformers", None
-    if device.type == "cpu" and dtype == torch.bfloat16 and query_len * key_len <= GEMM_MAX_SCORES:
+    if device.type == "cpu" and dtype == torch.bfloat16 and scores_fit_gemm:
         gemm_failure = probe("gemm", device, dtype, head_dim)
         if not gemm_failure:
             return "gemm", f"{reason}; {_why_gemm_on_this_cpu()}"
@@ -250,9 +254,9 @@ def require_backend(backend: str, device: torch.device | str, dtype: torch.dtype
 # (or the import inside the xformers check) traced in the graph would break it at
 # every attention call.
 @torch.compiler.assume_constant_result
-def _auto_choice(device: torch.device, dtype: torch.dtype, query_len: int, key_len: int, head_dim: int) -> str:
+def _auto_choice(device: torch.device, dtype: torch.dtype, head_dim: int, scores_fit_gemm: bool) -> str:
     """`auto_backend`'s kernel, logged the first time each choice is made."""
-    chosen, reason = auto_backend(device, dtype, query_len, key_len, head_dim)
+    chosen, reason = _choose(device, dtype, head_dim, scores_fit_gemm)
     message = f"attention backend: auto -> {chosen}" + (f" ({reason}; using {chosen})" if reason else "")
     if message not in _logged_choices:
         _logged_choices.add(message)
@@ -264,7 +268,13 @@ def _resolve(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
     """Map ``backend`` (possibly "auto") to the concrete kernel to run for these queries and keys."""
     check_backend(backend)
     if backend == "auto":
-        return _auto_choice(q.device, q.dtype, q.shape[1], k.shape[1], q.shape[-1])
+        # The lengths matter only to the CPU's bf16 rule, and only as one bool. Under torch.compile with a dynamic
+        # length (captions of several lengths), a symbolic size passed to the constant-folded choice cannot be
+        # folded: dynamo broke the graph at every attention call. A branch on the sizes becomes a guard instead.
+        scores_fit_gemm = False
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[1] * k.shape[1] <= GEMM_MAX_SCORES:
+            scores_fit_gemm = True
+        return _auto_choice(q.device, q.dtype, int(q.shape[-1]), scores_fit_gemm)
     if backend == "xformers":
         reason = _xformers_unusable_reason(q.device)  # its kernel is probed when a model asks for it (require_backend)
         if reason:

@@ -278,6 +278,43 @@ def test_auto_picks_gemm_for_bf16_on_cpu_up_to_a_size(monkeypatch, caplog):
     assert "auto -> gemm (" in caplog.text
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_keeps_one_graph_when_the_key_length_is_dynamic(monkeypatch, dtype):
+    """Under torch.compile with a symbolic key length (captions of several lengths), auto resolves in the graph.
+
+    The choice used to take the lengths themselves, which dynamo cannot fold into a constant: the graph broke
+    at every attention call. On the CPU in bf16 the size rule becomes a guard: past it, a recompile takes sdpa.
+    """
+    import torch._dynamo as dynamo
+
+    called = []
+    kernels = {name: (lambda name: lambda q, *a: called.append(name) or q * 1)(name) for name in attn_mod._KERNELS}
+    monkeypatch.setattr(attn_mod, "_KERNELS", kernels)
+    monkeypatch.setattr(attn_mod, "GEMM_MAX_SCORES", 16 * 20)
+    monkeypatch.setattr(attn_mod, "probe", lambda backend, *args: None if backend == "gemm" else "xformers not installed")
+
+    def step(q, k, v, mask):
+        return attention(q, k, v, mask, backend="auto") * 2
+
+    dynamo.reset()
+    try:
+        q, k, v = _qkv(2, 16, 12, 2, 8, dtype=dtype)
+        mask = torch.ones(2, 12, dtype=torch.bool)
+        for tensor in (k, v, mask):
+            dynamo.maybe_mark_dynamic(tensor, 1)
+        explained = dynamo.explain(step)(q, k, v, mask)
+        assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+        compiled = torch.compile(step, backend="eager", dynamic=True)
+        for keys in (12, 20, 21):  # 16 x 21 scores per head are past the (patched) gemm limit
+            q, k, v = _qkv(2, 16, keys, 2, 8, dtype=dtype)
+            called.clear()
+            compiled(q, k, v, torch.ones(2, keys, dtype=torch.bool))
+            expected = "gemm" if dtype == torch.bfloat16 and keys <= 20 else "sdpa"
+            assert called == [expected], (dtype, keys, called)
+    finally:
+        dynamo.reset()
+
+
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_auto_gemm_reason_claims_a_measurement_only_where_bf16_is_native(monkeypatch, native_bf16):
     monkeypatch.setattr(attn_mod, "probe", lambda backend, *args: None if backend == "gemm" else "xformers not installed")
