@@ -42,7 +42,7 @@ def test_a_device_with_its_index_is_that_device(monkeypatch):
     with loops_on("cuda:1"):
         assert loop_device() == torch.device("cuda", 1)
     assert loop_device("cuda") == torch.device("cuda", 0) and loop_device("cpu") == torch.device("cpu")
-    with pytest.raises(RuntimeError, match=r"device cuda:2 but this machine has 2 CUDA GPU\(s\) \(cuda:0 to cuda:1\)"):
+    with pytest.raises(RuntimeError, match=r"^cuda:2 but this machine has 2 CUDA GPU\(s\); valid: auto, cpu, cuda:0, cuda:1$"):
         loop_device("cuda:2")
 
 

@@ -71,7 +71,7 @@ def loop_device(accelerator: str | None = None) -> torch.device:
     """
     accelerator = (accelerator or placement().accelerator).lower()
     if ":" in accelerator:
-        return _indexed_device(accelerator)
+        return named_device(accelerator)
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     if accelerator in ("auto", "mps") and torch.backends.mps.is_available():
@@ -81,17 +81,16 @@ def loop_device(accelerator: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def _indexed_device(name: str) -> torch.device:
-    """`cuda:1` as a device, refused with the devices there are where this machine has no such one."""
+def named_device(name: str) -> torch.device:
+    """`cpu`, `cuda`, `cuda:1`, ... as a device this machine has; a `RuntimeError` naming the valid ones otherwise."""
     try:
         device = torch.device(name)
-    except RuntimeError as error:
-        raise RuntimeError(f"device {name!r} is not a device name torch knows ({error}); e.g. cpu, cuda, cuda:1") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if device.index is not None and device.index >= count:
-            raise RuntimeError(f"device {name} but this machine has {count} CUDA GPU(s)"
-                               + (f" (cuda:0 to cuda:{count - 1})" if count else ""))
+    except RuntimeError:
+        raise RuntimeError(f"{name!r} is not a device; valid: auto, cpu, cuda, cuda:<index>") from None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise RuntimeError(f"{name} but this machine has {gpus} CUDA GPU(s); valid: auto, cpu"
+                           + "".join(f", cuda:{index}" for index in range(gpus)))
     return device
 
 

@@ -32,7 +32,7 @@ from unizoo.data.target_shards import TargetShards, check_signature, read_manife
 from unizoo.data.with_targets import indexable_train_set
 from unizoo.errors import RecipeError
 from unizoo.runtime.accelerator import loader_workers
-from unizoo.runtime.fabric import loops_on
+from unizoo.runtime.fabric import loops_on, named_device
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,9 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RecipeError(f"--device {name!r} is not a device; valid: auto, cpu, cuda, cuda:<index>") from None
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and (device.index or 0) >= gpus:
-        raise RecipeError(f"--device {name} but this machine has {gpus} CUDA GPU(s); valid: auto, cpu"
-                          + "".join(f", cuda:{index}" for index in range(gpus)))
+        device = named_device(name)
+    except RuntimeError as error:
+        raise RecipeError(f"--device {error}") from None
     if device.type not in ("cpu", "cuda"):
         raise RecipeError(f"--device {name}: cache-targets encodes on the CPU or a CUDA GPU; valid: auto, cpu, cuda, cuda:<index>")
     return device
