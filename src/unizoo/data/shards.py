@@ -137,6 +137,11 @@ class ShardStream(IterableDataset):
         self.shards, self.image_size, self.shuffle_buffer, self.seed = shards, image_size, shuffle_buffer, seed
         self.rank, self.world, self.endless, self.skips = rank, world, endless, skips
 
+    @property
+    def shards_per_pass(self) -> int:
+        """How many shards this process reads in a pass: every `world`-th of them from its `rank` on (`epoch`)."""
+        return len(range(self.rank, len(self.shards), self.world))
+
     def _unreadable(self, error: Exception) -> bool:
         log.warning("data: skipped the rest of a shard: %s", error)
         if self.skips is not None:
@@ -241,7 +246,7 @@ class WebDataModule(L.LightningDataModule):
         stream = self.train_stream()
         # Each loader worker reads its own shards of this process's share: a worker without a shard would read
         # nothing, forever, and the loader, which takes the workers' batches in turn, would wait on it.
-        share = len(range(stream.rank, len(self.shards), stream.world))
+        share = stream.shards_per_pass
         asked = loader_workers(self.num_workers)
         if asked > share:
             log.info("data: %d loader workers, not %d (data.num_workers=%s): this process reads %d of the %d shards, "
