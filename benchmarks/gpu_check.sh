@@ -90,7 +90,8 @@ step peer_s 65 python -m benchmarks.run peer --device cuda --peer-parts dit --pe
 step peer_xl 120 python -m benchmarks.run peer --device cuda --peer-parts dit --peer-size XL --batch 256 \
     --repeats 5 --warmup 2 --loss-steps 5 --row-time-limit 30 --max-profiles 0 --out "$OUT_ROOT"
 # Two cells, VAE and CLIP targets under flow matching and joint training (BLIP3-o's efficiency comparison), at each
-# size: every cell of the grid builds its whole model on the host first, about 20 s a cell at XL, 24 rows in all.
+# size, not the whole grid (24 rows): each XL row builds, FLOP-counts, warms up and times a model of 1.65B parameters
+# (with its EMA copy), built on the GPU itself.
 step variants 45 python -m benchmarks.run variants --device cuda --sizes S XL --select objective=flow_matching strategy=joint \
     --batch 64 --repeats 3 --warmup 1 --out "$OUT_ROOT"
 
